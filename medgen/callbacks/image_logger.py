@@ -1,0 +1,124 @@
+"""Write validation images to disk (and to TensorBoard when it is the logger).
+
+2D: one grid PNG per logged set (16-bit, so no intensity resolution is lost). 3D: a PNG of the three
+central orthogonal slices of every volume, plus the volumes themselves as NIfTI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchvision.utils import make_grid
+
+from medgen.data.io import write
+
+
+def _to_unit(images: torch.Tensor, value_range: Sequence[float]) -> torch.Tensor:
+    low, high = value_range
+    return ((images.float() - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def orthogonal_slices(volume: torch.Tensor) -> torch.Tensor:
+    """The three central orthogonal slices of ``(C, D, H, W)`` side by side: ``(C, S, 3 * S)``.
+
+    Each slice is zero-padded to a square of side ``S = max(D, H, W)``.
+    """
+    c, d, h, w = volume.shape
+    side = max(d, h, w)
+    slices = [volume[:, d // 2], volume[:, :, h // 2], volume[:, :, :, w // 2]]
+    padded = []
+    for s in slices:
+        canvas = volume.new_zeros((c, side, side))
+        canvas[:, : s.shape[1], : s.shape[2]] = s
+        padded.append(canvas)
+    return torch.cat(padded, dim=-1)
+
+
+def image_grid(images: torch.Tensor, value_range: Sequence[float], nrow: int = 8) -> torch.Tensor:
+    """A ``(C, H', W')`` grid in [0, 1] of 2D images, or of the orthogonal slices of 3D volumes."""
+    unit = _to_unit(images, value_range)
+    if unit.ndim == 5:
+        unit = torch.stack([orthogonal_slices(v) for v in unit])
+        nrow = 1
+    return make_grid(unit, nrow=nrow, padding=2, pad_value=0.0)
+
+
+def write_image_set(
+    images: torch.Tensor,
+    folder: str | os.PathLike,
+    name: str,
+    value_range: Sequence[float],
+    spacing: Sequence[float] | None = None,
+) -> list[Path]:
+    """Write a set of images as a grid PNG (and NIfTI volumes for 3D); return the paths."""
+    folder = Path(folder)
+    paths = [write(image_grid(images, value_range), folder / f"{name}.png", value_range=(0.0, 1.0))]
+    if images.ndim == 5:
+        affine = torch.diag(torch.tensor([*(spacing or (1.0, 1.0, 1.0)), 1.0], dtype=torch.float64))
+        for i, volume in enumerate(images):
+            paths.append(write(volume.float().cpu(), folder / f"{name}_{i:02d}.nii.gz", affine=affine))
+    return paths
+
+
+class ImageLogger(L.Callback):
+    """Log the model's :meth:`log_images` for the first validation batch every few epochs.
+
+    Args:
+        output_dir: Folder for the image files (``None``: ``<default_root_dir>/samples``).
+        every_n_epochs: Logging period in epochs.
+        max_images: Images per set.
+    """
+
+    def __init__(
+        self, output_dir: str | None = None, every_n_epochs: int = 1, max_images: int = 8
+    ) -> None:
+        self.output_dir = output_dir
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.max_images = max_images
+        self.written: list[Path] = []
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            batch_idx != 0
+            or dataloader_idx != 0
+            or trainer.sanity_checking
+            or not trainer.is_global_zero
+            or trainer.current_epoch % self.every_n_epochs
+            or not hasattr(pl_module, "log_images")
+            or not isinstance(batch, Mapping)
+        ):
+            return
+        sub_batch = {
+            k: v[: self.max_images] if torch.is_tensor(v) else v for k, v in batch.items()
+        }
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            sets = pl_module.log_images(sub_batch)
+        pl_module.train(was_training)
+        folder = Path(self.output_dir or Path(trainer.default_root_dir) / "samples")
+        value_range = getattr(pl_module, "value_range", (0.0, 1.0))
+        spacing = getattr(pl_module, "spacing", None)
+        tb = _tensorboard(trainer)
+        for name, images in sets.items():
+            images = images.detach().float().cpu()
+            tag = f"epoch{trainer.current_epoch:04d}_{name}"
+            self.written += write_image_set(images, folder, tag, value_range, spacing)
+            if tb is not None:
+                tb.add_image(f"val/{name}", image_grid(images, value_range), trainer.global_step)
+
+
+def _tensorboard(trainer: L.Trainer):
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            return experiment
+    return None

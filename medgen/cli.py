@@ -1,0 +1,48 @@
+"""Console scripts: thin Hydra wrappers over :mod:`medgen.api`.
+
+``medgen-train``, ``medgen-sample`` and ``medgen-eval`` accept Hydra's flags (``--cfg job``,
+``--config-dir DIR``, ``--multirun``, ``--help``) and ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+CONFIG_PATH = "pkg://medgen.configs"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _train(cfg: DictConfig) -> None:
+    from medgen.api import train
+
+    train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def _sample(cfg: DictConfig) -> None:
+    from medgen.api import sample
+
+    sample(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def _eval(cfg: DictConfig) -> None:
+    from medgen.api import evaluate
+
+    evaluate(cfg)
+
+
+def train_main() -> None:
+    """Entry point of ``medgen-train``."""
+    _train()
+
+
+def sample_main() -> None:
+    """Entry point of ``medgen-sample``."""
+    _sample()
+
+
+def eval_main() -> None:
+    """Entry point of ``medgen-eval``."""
+    _eval()

@@ -1,0 +1,6 @@
+"""LightningModules, one file per model family."""
+
+from medgen.models.base import GenerativeModule
+from medgen.models.vae import VAE
+
+__all__ = ["VAE", "GenerativeModule"]

@@ -1,0 +1,143 @@
+"""Common base of medgen's LightningModules: optimiser from config, export, checkpoint identity."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from medgen import pretrained
+from medgen.utils.instantiate import instantiate
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+
+
+class GenerativeModule(L.LightningModule):
+    """Base class of every medgen model family.
+
+    Subclasses build their nets from plain JSON-friendly kwargs, call
+    ``self.save_hyperparameters()`` in ``__init__`` (so a checkpoint rebuilds itself), and list
+    in :attr:`export_modules` the submodules needed for inference.
+
+    The optimiser and the learning-rate scheduler are configs (``{"_target_": "torch.optim.AdamW",
+    "lr": 1e-3}``), not objects, so that the hyper-parameters stay plain data that
+    ``torch.load(weights_only=True)`` can read back; they are instantiated in
+    :meth:`configure_optimizers` through the allowlisted :func:`medgen.utils.instantiate`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        value_range: ``(low, high)`` of the data the model is trained on, in data units; samples
+            are clipped to it when written to integer image files, and it is the data range of
+            PSNR/SSIM.
+        optimizer: Optimiser config (``_target_`` plus kwargs, without ``params``).
+        scheduler: Optional scheduler config; may hold ``interval``/``frequency``/``monitor`` keys
+            that go to Lightning's scheduler dict instead of the constructor.
+        spacing: Voxel spacing written to exported NIfTI samples (3D); defaults to 1.0 per axis.
+    """
+
+    #: Submodules saved by :meth:`save_pretrained`.
+    export_modules: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        value_range: Sequence[float] = (0.0, 1.0),
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        spacing: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(value_range) != 2 or not value_range[1] > value_range[0]:
+            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+        self.spatial_dims = spatial_dims
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.scheduler_config = dict(scheduler) if scheduler else None
+        self.spacing = tuple(float(s) for s in (spacing or (1.0,) * spatial_dims))
+
+    @property
+    def data_range(self) -> float:
+        """Width of :attr:`value_range`, the data range used by PSNR and SSIM."""
+        return self.value_range[1] - self.value_range[0]
+
+    # ----------------------------------------------------------------- optimisation
+    def build_optimizer(self, params, config: Mapping[str, Any] | None = None):
+        """Instantiate an optimiser config for ``params``."""
+        return instantiate(dict(config or self.optimizer_config), params)
+
+    def build_scheduler(self, optimizer, config: Mapping[str, Any] | None = None):
+        """Instantiate a scheduler config as a Lightning scheduler dict (or ``None``)."""
+        config = dict(config or self.scheduler_config or {})
+        if not config:
+            return None
+        lightning_keys = {k: config.pop(k) for k in ("interval", "frequency", "monitor") if k in config}
+        return {"scheduler": instantiate(config, optimizer), **lightning_keys}
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer(self.parameters())
+        scheduler = self.build_scheduler(optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ----------------------------------------------------------------- checkpoint identity
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["medgen_target"] = f"{cls.__module__}.{cls.__qualname__}"
+        if "hyper_parameters" in checkpoint:  # AttributeDict -> dict, so weights_only loads it
+            checkpoint["hyper_parameters"] = dict(checkpoint["hyper_parameters"])
+
+    # ----------------------------------------------------------------- export
+    def export_init_args(self) -> dict[str, Any]:
+        """Plain constructor arguments written to ``config.json`` (defaults to the hparams)."""
+        return dict(self.hparams)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Export the inference nets as ``config.json`` + ``model.safetensors`` in ``directory``.
+
+        The current weights are written; to export EMA weights, call this inside the EMA
+        callback's :meth:`~medgen.callbacks.EMA.swapped` context (``medgen-train`` does).
+        """
+        return pretrained.save_pretrained(
+            self, directory, self.export_init_args(), self.export_modules
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> GenerativeModule:
+        """Load a model exported by :meth:`save_pretrained` (or a ``.ckpt``); see :func:`medgen.load`."""
+        model = pretrained.load(path)
+        if not isinstance(model, cls):
+            raise pretrained.CheckpointError(
+                f"'{path}' holds a {type(model).__name__}, not a {cls.__name__}"
+            )
+        return model
+
+    # ----------------------------------------------------------------- generation API
+    @torch.no_grad()
+    def sample(self, num_samples: int, seed: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Draw ``num_samples`` images ``(N, C, *spatial)`` in data units."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate unconditional samples")
+
+    def log_images(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Images to log for a validation batch: name -> ``(N, C, *spatial)`` in data units."""
+        return {}
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (random when ``None``), independent of global RNG.
+
+    Noise is always drawn on the CPU and then moved, so the same seed gives the same samples on
+    every device.
+    """
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator

@@ -1,0 +1,30 @@
+"""Building blocks shared by every net; each takes ``spatial_dims`` (2 or 3) first."""
+
+from medgen.nn.attention import SelfAttention
+from medgen.nn.blocks import ConvBlock, ResBlock, zero_module
+from medgen.nn.distributions import DiagonalGaussian
+from medgen.nn.embeddings import timestep_embedding
+from medgen.nn.factories import (
+    avg_pool_nd,
+    conv_nd,
+    conv_transpose_nd,
+    get_act_layer,
+    get_norm_layer,
+)
+from medgen.nn.sampling import Downsample, Upsample
+
+__all__ = [
+    "ConvBlock",
+    "DiagonalGaussian",
+    "Downsample",
+    "ResBlock",
+    "SelfAttention",
+    "Upsample",
+    "avg_pool_nd",
+    "conv_nd",
+    "conv_transpose_nd",
+    "get_act_layer",
+    "get_norm_layer",
+    "timestep_embedding",
+    "zero_module",
+]

@@ -1,0 +1,82 @@
+"""Multi-head self-attention over all spatial positions of a feature map."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from medgen.nn.blocks import zero_module
+from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
+
+__all__ = ["SelfAttention"]
+
+
+class SelfAttention(nn.Module):
+    """Residual multi-head self-attention over every spatial position (Vaswani et al., 2017).
+
+    ``x + proj_out(attention(qkv(norm(x))))`` where the ``N = prod(spatial)`` positions are the
+    tokens, ``qkv`` is a 1x1 convolution and ``attention`` is
+    ``softmax(Q K^T / sqrt(d)) V`` per head, computed with
+    :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on a
+    GPU). ``proj_out`` is zero-initialised, so a new block is the identity.
+
+    Args:
+        spatial_dims: Number of spatial dimensions, 2 or 3.
+        channels: Channels ``C`` of the input and output.
+        num_head_channels: Channels ``d`` per head; ``C`` must be divisible by it. ``None`` uses one
+            head with ``d = C``.
+        norm_num_groups: GroupNorm groups, clipped to divide ``C``.
+
+    Shapes:
+        ``(B, C, *spatial) -> (B, C, *spatial)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        num_head_channels: int | None = None,
+        norm_num_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if channels < 1:
+            raise ValueError(f"channels must be positive, got {channels}.")
+        if num_head_channels is None:
+            num_heads = 1
+        else:
+            if num_head_channels < 1 or channels % num_head_channels != 0:
+                raise ValueError(
+                    f"channels ({channels}) must be divisible by num_head_channels "
+                    f"({num_head_channels})."
+                )
+            num_heads = channels // num_head_channels
+        self.channels = channels
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+
+        conv = conv_nd(spatial_dims)
+        self.norm = get_norm_layer(
+            ("group", {"num_groups": norm_num_groups}), spatial_dims, channels
+        )
+        self.qkv = conv(channels, 3 * channels, 1)
+        self.proj_out = zero_module(conv(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend over all positions of ``x``.
+
+        Args:
+            x: Input of shape ``(B, C, *spatial)``.
+
+        Returns:
+            ``x`` plus the attention output, shape ``(B, C, *spatial)``.
+        """
+        qkv = self.qkv(self.norm(x))
+        # (B, 3 * heads * d, *spatial) -> 3 x (B, heads, N, d)
+        q, k, v = rearrange(
+            qkv, "b (three h d) ... -> three b h (...) d", three=3, h=self.num_heads
+        ).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b h n d -> b (h d) n").reshape(x.shape)
+        return x + self.proj_out(out)
