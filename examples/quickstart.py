@@ -30,7 +30,9 @@ def main() -> None:
     model = medgen.load(result["model_dir"])  # offline, safetensors only
     images = model.sample(8, seed=0)
     recon = model.reconstruct(images)
-    print("samples", tuple(images.shape), "reconstruction error", float((recon - images).abs().mean()))
+    print(
+        "samples", tuple(images.shape), "reconstruction error", float((recon - images).abs().mean())
+    )
     medgen.write_samples(model, f"{args.output}/more_samples", num_samples=8, seed=1)
 
 

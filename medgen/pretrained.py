@@ -102,19 +102,26 @@ def _load_folder(directory: Path) -> torch.nn.Module:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"'{config_path}' is not valid JSON: {err}") from err
     if not isinstance(config, dict) or "_target_" not in config or "init_args" not in config:
-        raise CheckpointError(f"'{config_path}' is not a medgen model config (no _target_/init_args)")
+        raise CheckpointError(
+            f"'{config_path}' is not a medgen model config (no _target_/init_args)"
+        )
     cls = _resolve_target(config["_target_"])
     try:
         state = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"'{weights_path}' is corrupt or not a safetensors file: {err}") from err
+        raise CheckpointError(
+            f"'{weights_path}' is corrupt or not a safetensors file: {err}"
+        ) from err
     model = cls(**config["init_args"])
     _load_module_state(model, state, tuple(config.get("modules", ())), weights_path)
     return model
 
 
 def _load_module_state(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], modules: tuple[str, ...], source: Path
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    modules: tuple[str, ...],
+    source: Path,
 ) -> None:
     expected = {
         f"{name}.{key}" for name in modules for key in model.get_submodule(name).state_dict()
@@ -145,7 +152,9 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint '{path}' is corrupt, truncated or holds more than tensors: {err}"
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"checkpoint '{path}' has no 'state_dict'; not a Lightning checkpoint")
+        raise CheckpointError(
+            f"checkpoint '{path}' has no 'state_dict'; not a Lightning checkpoint"
+        )
     return ckpt
 
 

@@ -11,8 +11,7 @@ import pytest
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 EXPERIMENTS = sorted(
-    p.stem
-    for p in (Path(__file__).parents[1] / "medgen" / "configs" / "experiment").glob("*.yaml")
+    p.stem for p in (Path(__file__).parents[1] / "medgen" / "configs" / "experiment").glob("*.yaml")
 )
 
 

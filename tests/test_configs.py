@@ -17,9 +17,7 @@ def test_experiments_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = medgen.compose(
-        "train", [f"experiment={experiment}", f"paths.output_dir={tmp_path}"]
-    )
+    cfg = medgen.compose("train", [f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg.paths.checkpoint_dir == f"{tmp_path}/checkpoints"
     model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all")
@@ -53,7 +51,9 @@ def test_trainer_presets(preset):
 
 
 def test_overrides_reach_the_config():
-    cfg = medgen.compose("train", ["trainer.max_epochs=3", "data.batch_size=5", "logger=tensorboard"])
+    cfg = medgen.compose(
+        "train", ["trainer.max_epochs=3", "data.batch_size=5", "logger=tensorboard"]
+    )
     assert cfg.trainer.max_epochs == 3
     assert cfg.data.batch_size == 5
     assert "tensorboard" in cfg.logger
@@ -94,5 +94,8 @@ def test_instantiate_refuses_targets_outside_allowlist():
         instantiate({"_target_": "os.system", "command": "echo hacked"})
     with pytest.raises(UnsafeTargetError, match=r"model\.net"):
         check_targets({"model": {"net": {"_target_": "builtins.eval"}}})
-    opt = instantiate({"_target_": "torch.optim.SGD", "lr": 0.1}, [__import__("torch").zeros(1, requires_grad=True)])
+    opt = instantiate(
+        {"_target_": "torch.optim.SGD", "lr": 0.1},
+        [__import__("torch").zeros(1, requires_grad=True)],
+    )
     assert opt.defaults["lr"] == 0.1

@@ -63,7 +63,9 @@ def test_export_and_checkpoint_load_identically(trained):
     assert not exported.training
     x = torch.rand(3, 1, 64, 64)
     torch.testing.assert_close(exported.reconstruct(x), from_ckpt.reconstruct(x), rtol=0, atol=0)
-    torch.testing.assert_close(exported.sample(4, seed=3), from_ckpt.sample(4, seed=3), rtol=0, atol=0)
+    torch.testing.assert_close(
+        exported.sample(4, seed=3), from_ckpt.sample(4, seed=3), rtol=0, atol=0
+    )
     raw = medgen.load(out / "checkpoints" / "last.ckpt", use_ema=False)
     assert not torch.equal(raw.reconstruct(x), exported.reconstruct(x))
 
@@ -71,7 +73,7 @@ def test_export_and_checkpoint_load_identically(trained):
 def test_checkpoint_holds_only_plain_data(trained):
     out, _ = trained
     ckpt = load_checkpoint_file(out / "checkpoints" / "last.ckpt")  # weights_only=True inside
-    assert ckpt["medgen_target"] == "medgen.models.VAE"
+    assert ckpt["medgen_target"] == "medgen.models.vae.VAE"
     assert isinstance(ckpt["hyper_parameters"]["optimizer"], dict)
 
 
@@ -151,7 +153,11 @@ def _script(name: str) -> list[str]:
     exe = Path(sys.executable).parent / name
     if exe.is_file():
         return [str(exe)]
-    entry = {"medgen-train": "train_main", "medgen-sample": "sample_main", "medgen-eval": "eval_main"}
+    entry = {
+        "medgen-train": "train_main",
+        "medgen-sample": "sample_main",
+        "medgen-eval": "eval_main",
+    }
     return [sys.executable, "-c", f"from medgen.cli import {entry[name]}; {entry[name]}()"]
 
 
@@ -173,8 +179,12 @@ def test_cli_train_sample_eval(tmp_path):
     for name in ("s1", "s2"):
         _run(
             _script("medgen-sample")
-            + [f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", "num_samples=3", "seed=7",
-               f"output_dir={tmp_path / name}"],
+            + [
+                f"checkpoint={out / 'checkpoints' / 'last.ckpt'}",
+                "num_samples=3",
+                "seed=7",
+                f"output_dir={tmp_path / name}",
+            ],
             tmp_path,
         )
         files = sorted((tmp_path / name).iterdir())
@@ -184,7 +194,12 @@ def test_cli_train_sample_eval(tmp_path):
     assert len(set(digests[0])) == 3, "samples of one run must differ"
     _run(
         _script("medgen-sample")
-        + [f"checkpoint={out / 'model'}", "num_samples=3", "seed=8", f"output_dir={tmp_path / 's3'}"],
+        + [
+            f"checkpoint={out / 'model'}",
+            "num_samples=3",
+            "seed=8",
+            f"output_dir={tmp_path / 's3'}",
+        ],
         tmp_path,
     )
     assert _digest(tmp_path / "s3" / "sample_0000.png") != digests[0][0]
@@ -206,8 +221,12 @@ def test_cli_prints_config_and_lists_experiments(tmp_path):
     assert "max_epochs: 7" in proc.stdout and "_target_: medgen.models.VAE" in proc.stdout
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     bad = subprocess.run(
-        _script("medgen-train") + ["experiment=nope"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300,
+        _script("medgen-train") + ["experiment=nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode != 0
     assert "quickstart" in bad.stderr and "nope" in bad.stderr

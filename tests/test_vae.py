@@ -61,7 +61,8 @@ def test_sampling_is_deterministic_per_seed():
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert torch.equal(torch.get_rng_state(), state), "sampling must not touch the global RNG"
-    assert torch.equal(model.sample(4, seed=11, batch_size=3), a), "batching must not matter"
+    # the noise does not depend on batching (only float rounding of the decoder may)
+    torch.testing.assert_close(model.sample(4, seed=11, batch_size=3), a, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_falls_on_phantoms():
@@ -69,8 +70,13 @@ def test_loss_falls_on_phantoms():
     data = PhantomDataset(spatial_dims=2, size=32, length=32)
     batch = torch.stack([data[i]["image"] for i in range(32)])
     model = VAE(
-        net={"channels": [16, 32, 32], "norm_num_groups": 8, "latent_channels": 4,
-             "latent_dim": 32, "image_size": 32},
+        net={
+            "channels": [16, 32, 32],
+            "norm_num_groups": 8,
+            "latent_channels": 4,
+            "latent_dim": 32,
+            "image_size": 32,
+        },
         beta=0.1,
     )
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -45,7 +45,8 @@ def image_grid(images: torch.Tensor, value_range: Sequence[float], nrow: int = 8
     if unit.ndim == 5:
         unit = torch.stack([orthogonal_slices(v) for v in unit])
         nrow = 1
-    return make_grid(unit, nrow=nrow, padding=2, pad_value=0.0)
+    grid = make_grid(unit, nrow=nrow, padding=2, pad_value=0.0)
+    return grid[:1] if unit.shape[1] == 1 else grid  # make_grid turns grey into RGB
 
 
 def write_image_set(
@@ -57,11 +58,16 @@ def write_image_set(
 ) -> list[Path]:
     """Write a set of images as a grid PNG (and NIfTI volumes for 3D); return the paths."""
     folder = Path(folder)
-    paths = [write(image_grid(images, value_range), folder / f"{name}.png", value_range=(0.0, 1.0))]
+    grid = image_grid(images, value_range)
+    # grey grids keep 16 bits; RGB previews are 8-bit (Pillow writes no 16-bit RGB PNG)
+    bit_depth = 16 if grid.shape[0] == 1 else 8
+    paths = [write(grid, folder / f"{name}.png", value_range=(0.0, 1.0), bit_depth=bit_depth)]
     if images.ndim == 5:
         affine = torch.diag(torch.tensor([*(spacing or (1.0, 1.0, 1.0)), 1.0], dtype=torch.float64))
         for i, volume in enumerate(images):
-            paths.append(write(volume.float().cpu(), folder / f"{name}_{i:02d}.nii.gz", affine=affine))
+            paths.append(
+                write(volume.float().cpu(), folder / f"{name}_{i:02d}.nii.gz", affine=affine)
+            )
     return paths
 
 
@@ -83,8 +89,13 @@ class ImageLogger(L.Callback):
         self.written: list[Path] = []
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if (
             batch_idx != 0
@@ -96,9 +107,7 @@ class ImageLogger(L.Callback):
             or not isinstance(batch, Mapping)
         ):
             return
-        sub_batch = {
-            k: v[: self.max_images] if torch.is_tensor(v) else v for k, v in batch.items()
-        }
+        sub_batch = {k: v[: self.max_images] if torch.is_tensor(v) else v for k, v in batch.items()}
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():

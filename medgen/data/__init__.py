@@ -2,7 +2,13 @@
 
 from medgen.data.datamodule import MedicalDataModule
 from medgen.data.io import MedgenIOError, read, write
-from medgen.data.phantoms import CONTRASTS, PhantomDataset, Tissue, head_phantom, head_phantom_labels
+from medgen.data.phantoms import (
+    CONTRASTS,
+    PhantomDataset,
+    Tissue,
+    head_phantom,
+    head_phantom_labels,
+)
 
 __all__ = [
     "CONTRASTS",

@@ -7,9 +7,43 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medgen.utils.instantiate import instantiate, to_plain
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random permutation per epoch drawn from ``(seed, epoch)``, not from the global RNG.
+
+    Lightning calls :meth:`set_epoch` before every training epoch, so the order of epoch ``e`` is
+    the same in a run that never stopped and in one resumed from a checkpoint (torch's
+    ``RandomSampler`` draws its seed from the global RNG when the iterator is created, which a
+    resumed run cannot reproduce).
+
+    Args:
+        length: Dataset length.
+        seed: Base seed of the permutations.
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = int(length)
+        self.seed = int(seed)
+        self.epoch = 0
+        #: Give this to the DataLoader as ``generator``: it draws the workers' base seed, which
+        #: then also depends on (seed, epoch) only, and the global RNG is left untouched.
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.loader_generator.manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class MedicalDataModule(L.LightningDataModule):
@@ -30,6 +64,7 @@ class MedicalDataModule(L.LightningDataModule):
         pin_memory: Pin host memory (useful on GPU).
         persistent_workers: Keep workers alive between epochs (when ``num_workers > 0``).
         drop_last: Drop the last incomplete training batch.
+        seed: Seed of the training shuffle (see :class:`EpochShuffleSampler`).
     """
 
     def __init__(
@@ -43,6 +78,7 @@ class MedicalDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         drop_last: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.configs = {"train": train, "val": val, "test": test}
@@ -52,6 +88,7 @@ class MedicalDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.drop_last = drop_last
+        self.seed = seed
         self.datasets: dict[str, Dataset | None] = {}
 
     @staticmethod
@@ -75,10 +112,12 @@ class MedicalDataModule(L.LightningDataModule):
         if dataset is None:
             return []  # Lightning skips the loop for an empty loader list
         batch_size = self.batch_size if split == "train" else self.val_batch_size
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=min(batch_size, len(dataset)) if not shuffle else batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=sampler.loader_generator if sampler is not None else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,

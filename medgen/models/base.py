@@ -76,7 +76,9 @@ class GenerativeModule(L.LightningModule):
         config = dict(config or self.scheduler_config or {})
         if not config:
             return None
-        lightning_keys = {k: config.pop(k) for k in ("interval", "frequency", "monitor") if k in config}
+        lightning_keys = {
+            k: config.pop(k) for k in ("interval", "frequency", "monitor") if k in config
+        }
         return {"scheduler": instantiate(config, optimizer), **lightning_keys}
 
     def configure_optimizers(self):

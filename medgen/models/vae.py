@@ -62,7 +62,9 @@ class VAE(GenerativeModule):
         super().__init__(spatial_dims, value_range, optimizer, scheduler, spacing)
         self.save_hyperparameters()
         if recon_loss not in RECON_LOSSES:
-            raise ValueError(f"recon_loss must be one of {sorted(RECON_LOSSES)}, got {recon_loss!r}")
+            raise ValueError(
+                f"recon_loss must be one of {sorted(RECON_LOSSES)}, got {recon_loss!r}"
+            )
         net_kwargs = dict(net or {})
         net_kwargs.setdefault("spatial_dims", spatial_dims)
         if net_kwargs["spatial_dims"] != spatial_dims:
@@ -101,8 +103,8 @@ class VAE(GenerativeModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.loss(batch[self.image_key])
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False)
         self.log("train/loss", terms["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"})
         return terms["loss"]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

@@ -58,5 +58,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise PermissionError(f"cannot write to the {what} '{path}': {err.strerror or err}") from err
+        raise PermissionError(
+            f"cannot write to the {what} '{path}': {err.strerror or err}"
+        ) from err
     return path

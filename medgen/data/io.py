@@ -1,0 +1,554 @@
+"""Reading and writing medical image files without losing what makes them medical.
+
+:func:`read` goes through MONAI's :class:`~monai.transforms.LoadImage` with one explicit reader per
+file suffix (nibabel for NIfTI, PIL for PNG/JPEG/TIFF, pydicom for a single DICOM file, numpy for
+``.npy``) and returns a channel-first :class:`~monai.data.MetaTensor` whose ``.affine`` and
+``.meta["spacing"]`` describe the voxel grid. :func:`write` is the inverse: NIfTI keeps dtype and
+affine, PNG/TIFF keep 8- or 16-bit integers exactly, floats are only quantised when the caller names
+the intensity window, and every file is written atomically (temporary file + :func:`os.replace`).
+
+Conventions:
+
+- Arrays are ``(C, *spatial)``. A 2D image is ``(C, H, W)`` in ordinary array order (``H`` = rows),
+  so ``read("x.png")[0]`` equals ``np.array(PIL.Image.open("x.png"))``. MONAI's PIL reader swaps the
+  two axes by default (ITK convention); we switch that off. DICOM is read likewise as
+  ``(C, rows, columns)`` with an affine that matches this order.
+- PyTorch has almost no arithmetic for ``torch.uint16`` (no add, max or clamp on CPU), so 16-bit
+  data comes back as ``torch.int32`` (exact, as MONAI does it). The dtype stored in the file is kept
+  as ``meta["source_dtype"]`` (e.g. ``"uint16"``); :func:`write` uses it to write a 16-bit PNG again.
+- Every error about a file is a :class:`MedgenIOError` (a :class:`ValueError`) whose message starts
+  with the path and says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.image_reader import ImageReader
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MedgenIOError",
+    "image_stem",
+    "image_suffix",
+    "list_images",
+    "read",
+    "write",
+]
+
+#: Suffixes understood by :func:`read` (lower case; ``.nii.gz`` counts as one suffix).
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".nii.gz",
+    ".nii",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".dcm",
+    ".npy",
+)
+_WRITE_SUFFIXES = (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".npy")
+_COMPOUND_SUFFIXES = (".nii.gz",)
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class MedgenIOError(ValueError):
+    """A file could not be read or written; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# names
+
+
+def image_suffix(path: str | Path) -> str:
+    """Return the lower-case image suffix of ``path``, treating ``.nii.gz`` as one suffix.
+
+    Example:
+        >>> image_suffix("sub-01_T1w.nii.gz"), image_suffix("scan.PNG")
+        ('.nii.gz', '.png')
+    """
+    name = Path(path).name.lower()
+    for compound in _COMPOUND_SUFFIXES:
+        if name.endswith(compound) and len(name) > len(compound):
+            return compound
+    return Path(name).suffix
+
+
+def image_stem(path: str | Path) -> str:
+    """Return the file name without its image suffix (``a.nii.gz`` → ``a``, ``b.v2.png`` → ``b.v2``)."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+def list_images(
+    folder: str | Path,
+    suffixes: Iterable[str] = IMAGE_SUFFIXES,
+    *,
+    recursive: bool = False,
+) -> list[Path]:
+    """List the image files in ``folder``, sorted by path.
+
+    Hidden files (name starting with ``.``, e.g. half-written temporary files or macOS ``._*``
+    files) are skipped.
+
+    Args:
+        folder: directory to list.
+        suffixes: accepted suffixes, compared case-insensitively; ``.nii.gz`` is one suffix.
+        recursive: also look in sub-folders.
+
+    Returns:
+        Sorted list of paths.
+
+    Raises:
+        MedgenIOError: if ``folder`` does not exist, is not a directory, or holds no matching file.
+    """
+    folder = Path(folder)
+    wanted = {s.lower() if s.startswith(".") else f".{s.lower()}" for s in suffixes}
+    if not folder.exists():
+        raise MedgenIOError(f"{folder}: folder does not exist")
+    if not folder.is_dir():
+        raise MedgenIOError(f"{folder}: not a folder")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(
+        p
+        for p in candidates
+        if p.is_file() and not p.name.startswith(".") and image_suffix(p) in wanted
+    )
+    if not files:
+        raise MedgenIOError(
+            f"{folder}: folder holds no image files (looked for {', '.join(sorted(wanted))})"
+        )
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+class _SourceDtypeReader(ImageReader):
+    """Wrap a MONAI reader and record the dtype of the array as decoded from the file.
+
+    MONAI converts ``uint16`` to ``int32`` when it builds the tensor; recording the dtype before
+    that lets :func:`write` and the metrics know the file was 16-bit.
+    """
+
+    def __init__(self, inner: ImageReader, suffix: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.suffix = suffix
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        return self.inner.verify_suffix(filename)
+
+    def read(self, data: Any, **kwargs: Any) -> Any:
+        return self.inner.read(data, **kwargs)
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        array, meta = self.inner.get_data(img)
+        dtype = np.dtype(array.dtype)
+        # A PNG holds at most 16 bits per sample; some Pillow versions decode 16-bit gray as "I".
+        if self.suffix == ".png" and dtype.kind in "iu" and dtype.itemsize > 2:
+            dtype = np.dtype(np.uint16)
+        meta["source_dtype"] = dtype.name
+        return array, meta
+
+
+def _make_reader(suffix: str) -> ImageReader:
+    # Imported here: building MONAI readers probes optional packages, which we only want to pay for
+    # (and hear about) when a file of that kind is actually read.
+    from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader
+
+    if suffix in (".nii", ".nii.gz"):
+        return NibabelReader()
+    if suffix in _PIL_SUFFIXES:
+        return PILReader(reverse_indexing=False)  # (H, W) array order, not MONAI's (W, H)
+    if suffix == ".dcm":
+        return PydicomReader(swap_ij=False)  # (rows, columns), affine adjusted by MONAI
+    if suffix == ".npy":
+        return NumpyReader(channel_dim=0)
+    raise AssertionError(suffix)  # pragma: no cover - guarded by the caller
+
+
+def _spacing_from_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    rows = affine.shape[0] - 1
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:rows, :spatial_dims] ** 2).sum(axis=0))
+
+
+@functools.cache
+def _loader() -> Any:
+    """One shared ``LoadImage``; we always pass the reader at call time.
+
+    Built lazily and once: ``LoadImage`` instantiates every MONAI reader on construction, which is
+    slow and, without nvImageCodec, warns each time.
+    """
+    from monai.transforms import LoadImage
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        return LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
+
+
+def read(path: str | Path) -> MetaTensor:
+    """Read an image or volume as a channel-first tensor with its affine.
+
+    Readers (through :class:`monai.transforms.LoadImage`): nibabel for ``.nii``/``.nii.gz``, PIL for
+    ``.png``/``.jpg``/``.jpeg``/``.tif``/``.tiff`` (first frame), pydicom for a single ``.dcm`` file
+    (rescale slope/intercept applied, so CT comes back in HU as float), numpy for ``.npy``
+    (channel-first as written by :func:`write`; a 2D array is one channel).
+
+    Args:
+        path: file to read.
+
+    Returns:
+        ``MetaTensor`` of shape ``(C, *spatial)``. Its dtype is the file's (``uint8`` stays
+        ``uint8``, ``float32`` stays ``float32``) except ``uint16``, which becomes ``int32`` because
+        torch lacks ``uint16`` arithmetic; ``meta["source_dtype"]`` holds the file's dtype name.
+        ``.affine`` is the 4x4 voxel-to-world matrix (identity for PNG/TIFF/NPY) and
+        ``meta["spacing"]`` the voxel size along each spatial axis.
+
+    Raises:
+        MedgenIOError: missing file, unsupported suffix, or a file that cannot be decoded
+            (corrupt, truncated, wrong format).
+    """
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise MedgenIOError(
+            f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
+            f"supported: {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if not path.exists():
+        raise MedgenIOError(f"{path}: file not found")
+    if not path.is_file():
+        raise MedgenIOError(f"{path}: not a regular file")
+
+    reader = _SourceDtypeReader(_make_reader(suffix), suffix)
+    loader = _loader()
+    try:
+        with warnings.catch_warnings():
+            # PIL hands out read-only arrays; we copy below, so torch's warning is noise.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            image = loader(str(path), reader=reader)  # runtime reader: its errors reach us as is
+    except MemoryError:
+        raise
+    except PermissionError as exc:
+        raise MedgenIOError(f"{path}: permission denied: {exc}") from exc
+    except Exception as exc:
+        raise MedgenIOError(
+            f"{path}: cannot decode {suffix} file (corrupt, truncated or not a {suffix} file): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+    if not isinstance(image, MetaTensor):  # pragma: no cover - LoadImage always returns one
+        image = MetaTensor(image)
+    if suffix == ".npy" and image.ndim == 2:
+        image = image.unsqueeze(0)
+    elif suffix != ".npy":
+        from monai.transforms import EnsureChannelFirst
+
+        image = EnsureChannelFirst()(image)
+    if suffix in _PIL_SUFFIXES:
+        image = image.clone()  # detach from PIL's read-only buffer
+    if image.ndim < 3:
+        raise MedgenIOError(
+            f"{path}: expected at least 2 spatial dimensions, got {tuple(image.shape)}"
+        )
+
+    spatial_dims = image.ndim - 1
+    image.meta["spacing"] = _spacing_from_affine(image.affine.numpy(), min(spatial_dims, 3))
+    image.meta["filename_or_obj"] = str(path)
+    return image
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _to_numpy(image: Any) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """Return ``(array, affine or None, source dtype name or None)`` for tensor/ndarray input."""
+    affine = None
+    source_dtype = None
+    if isinstance(image, MetaTensor):
+        affine = image.affine.detach().cpu().numpy()
+        source_dtype = image.meta.get("source_dtype")
+        image = image.as_tensor()
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        array = tensor.numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(f"expected a torch.Tensor, MetaTensor or numpy array, got {type(image)}")
+    return array, affine, source_dtype if isinstance(source_dtype, str) else None
+
+
+def _file_mode(path: Path) -> int:
+    """Permissions for a new file: those of the file being replaced, else 0o666 minus the umask."""
+    with contextlib.suppress(OSError):
+        return path.stat().st_mode & 0o7777
+    umask = 0o022
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    return 0o666 & ~umask
+
+
+def _atomic_write(path: Path, write_fn: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write_fn`` into a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers never see a half-written file, and on any error the temporary file is removed and an
+    existing ``path`` is left untouched.
+    """
+    mode = _file_mode(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write_fn(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _quantise(
+    array: np.ndarray, value_range: tuple[float, float], bits: int, path: Path
+) -> np.ndarray:
+    lo, hi = (float(v) for v in value_range)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise MedgenIOError(
+            f"{path}: value_range must be two finite numbers lo < hi, got {value_range}"
+        )
+    top = 2**bits - 1
+    scaled = (array.astype(np.float64) - lo) / (hi - lo)
+    out = np.rint(np.clip(scaled, 0.0, 1.0) * top)
+    return out.astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def _encode_pil(
+    array: np.ndarray,
+    path: Path,
+    fmt: str,
+    value_range: tuple[float, float] | None,
+    bit_depth: int | None,
+    source_dtype: str | None,
+) -> Callable[[IO[bytes]], None]:
+    from PIL import Image
+
+    kind = "PNG" if fmt == "PNG" else "TIFF"
+    if array.ndim != 3 or array.shape[0] not in (1, 3):
+        raise MedgenIOError(
+            f"{path}: {kind} holds a 2D gray (1, H, W) or RGB (3, H, W) image, got shape "
+            f"{tuple(array.shape)} (write volumes as .nii.gz, other channel counts as .npy)"
+        )
+    allowed = (8, 16, 32) if kind == "TIFF" else (8, 16)
+    if bit_depth is not None and bit_depth not in allowed:
+        raise MedgenIOError(
+            f"{path}: bit_depth must be one of {allowed} for {kind}, got {bit_depth}"
+        )
+
+    if value_range is not None:
+        if bit_depth == 32:
+            raise MedgenIOError(
+                f"{path}: bit_depth=32 writes float32 values unscaled; do not pass value_range"
+            )
+        pixels = _quantise(array, value_range, bit_depth or 16, path)
+    elif array.dtype.kind in "biu":
+        natural = {"bool": 8, "uint8": 8, "uint16": 16}.get(array.dtype.name)
+        if natural is None:
+            natural = {"uint8": 8, "uint16": 16}.get(source_dtype or "", 16)
+        bits = bit_depth or natural
+        if bits == 32:
+            raise MedgenIOError(f"{path}: bit_depth=32 is for float images; got {array.dtype.name}")
+        if array.size:
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high > 2**bits - 1:
+                raise MedgenIOError(
+                    f"{path}: integer values in [{low}, {high}] do not fit a {bits}-bit {kind}; "
+                    "pass value_range=(lo, hi) to rescale, or write .nii.gz/.npy to keep them"
+                )
+        pixels = array.astype(np.uint8 if bits == 8 else np.uint16)
+    elif array.dtype.kind == "f":
+        if kind == "TIFF" and bit_depth == 32:
+            if array.shape[0] != 1:
+                raise MedgenIOError(
+                    f"{path}: float32 TIFF supports one channel, got {array.shape[0]}"
+                )
+            pixels = array.astype(np.float32)
+        else:
+            extra = " or bit_depth=32 to store float32 as is" if kind == "TIFF" else ""
+            raise MedgenIOError(
+                f"{path}: float image needs value_range=(lo, hi) to be written as a {kind} "
+                f"(values are clipped to it and scaled to bit_depth, 16 by default){extra}; "
+                "write .nii.gz or .npy to keep floats"
+            )
+    else:
+        raise MedgenIOError(f"{path}: cannot write dtype {array.dtype} as {kind}")
+
+    if pixels.shape[0] == 3 and pixels.dtype != np.uint8:
+        raise MedgenIOError(
+            f"{path}: Pillow cannot write 16-bit RGB {kind}; pass bit_depth=8 to quantise to 8 bits "
+            "explicitly, or write .npy/.nii.gz to keep the full depth"
+        )
+    hwc = pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1)
+    pil_image = Image.fromarray(np.ascontiguousarray(hwc))
+
+    def write_fn(handle: IO[bytes]) -> None:
+        pil_image.save(handle, format=fmt)
+
+    return write_fn
+
+
+def _as_affine(affine: Any, path: Path) -> np.ndarray:
+    matrix = np.asarray(
+        affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else affine,
+        dtype=np.float64,
+    )
+    if matrix.shape == (3, 3):  # 2D affine: embed into 3D
+        full = np.eye(4)
+        full[:2, :2] = matrix[:2, :2]
+        full[:2, 3] = matrix[:2, 2]
+        matrix = full
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise MedgenIOError(f"{path}: affine must be a finite 4x4 matrix, got shape {matrix.shape}")
+    return matrix
+
+
+def _encode_nifti(array: np.ndarray, path: Path, affine: np.ndarray, compress: bool):
+    import nibabel as nib
+
+    spatial = array.ndim - 1
+    if array.shape[0] == 1:
+        data = array[0]
+    elif spatial == 3:
+        data = np.moveaxis(array, 0, -1)  # (X, Y, Z, C): MONAI reads the 4th axis as channels
+    else:
+        raise MedgenIOError(
+            f"{path}: a 2D multi-channel NIfTI would read back as a 3D volume; got shape "
+            f"{tuple(array.shape)}; write one file per channel or use .npy"
+        )
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    elif data.dtype == np.float16:
+        data = data.astype(np.float32)  # NIfTI has no float16
+    try:
+        image = nib.Nifti1Image(np.ascontiguousarray(data), affine, dtype=data.dtype)
+    except Exception as exc:
+        raise MedgenIOError(f"{path}: cannot store dtype {data.dtype} in NIfTI: {exc}") from exc
+    with contextlib.suppress(Exception):  # qform cannot hold shears; sform always holds the affine
+        image.set_qform(affine, code=2)
+    image.header.set_xyzt_units("mm")
+    payload = image.to_bytes()
+    if compress:
+        # mtime=0 (and no file name in the header): identical input gives identical bytes.
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+
+    def write_fn(handle: IO[bytes]) -> None:
+        handle.write(payload)
+
+    return write_fn
+
+
+def write(
+    image: torch.Tensor | np.ndarray | MetaTensor,
+    path: str | Path,
+    *,
+    affine: torch.Tensor | np.ndarray | None = None,
+    value_range: tuple[float, float] | None = None,
+    bit_depth: int | None = None,
+) -> Path:
+    """Write a channel-first image or volume atomically; the format follows the suffix.
+
+    - ``.png`` / ``.tif`` / ``.tiff``: 2D gray ``(1, H, W)`` or RGB ``(3, H, W)``. Integer input is
+      written as is, never rescaled: ``uint8`` → 8-bit, ``uint16`` → 16-bit, other integer dtypes
+      (e.g. the ``int32`` that :func:`read` returns for 16-bit files) → the ``meta["source_dtype"]``
+      depth of a MetaTensor, else 16-bit; values that do not fit raise. Float input requires
+      ``value_range=(lo, hi)``: values are clipped to it and scaled to ``2**bit_depth - 1`` with
+      ``bit_depth`` 16 by default (8 only when asked). ``value_range`` also rescales integer input
+      when given. TIFF alone accepts ``bit_depth=32``: one float32 channel stored unscaled. Pillow
+      cannot write 16-bit RGB, so RGB needs ``bit_depth=8`` (or ``uint8`` input).
+    - ``.nii`` / ``.nii.gz``: nibabel, dtype kept (``float16`` → ``float32``, ``bool`` → ``uint8``),
+      affine from ``affine``, else from a MetaTensor, else identity; sform and qform set, units mm.
+      ``(1, *spatial)`` is stored as a 2D/3D image, ``(C, X, Y, Z)`` as a 4D ``(X, Y, Z, C)`` image.
+      ``.nii.gz`` is gzip with ``mtime=0``, so the same input always gives the same bytes.
+    - ``.npy``: the array as is (no affine).
+
+    No patient metadata is ever written. The file appears atomically (temporary file in the same
+    folder, then :func:`os.replace`); parent folders are created.
+
+    Args:
+        image: ``(C, *spatial)`` tensor, MetaTensor or numpy array.
+        path: destination file.
+        affine: 4x4 (or 2D 3x3) voxel-to-world matrix, NIfTI only.
+        value_range: intensity window mapped to the full integer range (PNG/TIFF only).
+        bit_depth: 8 or 16 (PNG/TIFF), or 32 (float TIFF).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        MedgenIOError: unsupported suffix, bad shape, NaN/Inf values, float PNG without
+            ``value_range``, or values that do not fit the requested format.
+    """
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in _WRITE_SUFFIXES:
+        raise MedgenIOError(
+            f"{path}: cannot write {suffix or '(no suffix)'!r} files; "
+            f"supported: {', '.join(_WRITE_SUFFIXES)}"
+        )
+    array, meta_affine, source_dtype = _to_numpy(image)
+    if array.ndim not in (3, 4):
+        raise MedgenIOError(
+            f"{path}: expected a channel-first array (C, H, W) or (C, D, H, W), "
+            f"got shape {tuple(array.shape)}"
+        )
+    if array.dtype.kind not in "biuf":
+        raise MedgenIOError(f"{path}: cannot write dtype {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise MedgenIOError(f"{path}: image contains {bad} NaN/Inf values; refusing to write it")
+
+    if suffix in (".png", ".tif", ".tiff"):
+        if affine is not None:
+            raise MedgenIOError(f"{path}: PNG/TIFF cannot store an affine; write .nii.gz instead")
+        fmt = "PNG" if suffix == ".png" else "TIFF"
+        write_fn = _encode_pil(array, path, fmt, value_range, bit_depth, source_dtype)
+    else:
+        if value_range is not None or bit_depth is not None:
+            raise MedgenIOError(
+                f"{path}: value_range/bit_depth apply to PNG/TIFF only; {suffix} keeps values as is"
+            )
+        if suffix == ".npy":
+            data = np.ascontiguousarray(array)
+
+            def write_fn(handle: IO[bytes]) -> None:
+                np.save(handle, data, allow_pickle=False)
+
+        else:
+            chosen = affine if affine is not None else meta_affine
+            matrix = np.eye(4) if chosen is None else _as_affine(chosen, path)
+            write_fn = _encode_nifti(array, path, matrix, compress=suffix == ".nii.gz")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, write_fn)
+    return path
