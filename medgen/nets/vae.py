@@ -39,6 +39,10 @@ class VAENet(nn.Module):
         norm_num_groups: GroupNorm groups.
         num_head_channels: Channels per attention head.
         gradient_checkpointing: Recompute block activations in the backward pass.
+        init_logvar: Initial posterior log-variance (bias of the log-variance output). A
+            negative value starts training with little latent noise, so the decoder learns to use
+            the latent before the KL term (usually warmed up) shapes the posterior; 0 is the
+            textbook initialisation.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class VAENet(nn.Module):
         norm_num_groups: int = 32,
         num_head_channels: int | None = None,
         gradient_checkpointing: bool = False,
+        init_logvar: float = 0.0,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -91,6 +96,11 @@ class VAENet(nn.Module):
             self.to_moments = nn.Linear(features, 2 * latent_dim)
             self.from_latent = nn.Linear(latent_dim, features)
         self.decoder = Decoder(in_channels=latent_channels, out_channels=out_channels, **common)
+        with torch.no_grad():
+            if latent_dim is None:
+                self.encoder.conv_out.bias[latent_channels:].fill_(init_logvar)
+            else:
+                self.to_moments.bias[latent_dim:].fill_(init_logvar)
 
     def latent_shape(self, image_shape: Sequence[int] | None = None) -> tuple[int, ...]:
         """Shape of one latent (without batch) for images of spatial shape ``image_shape``."""
