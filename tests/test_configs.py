@@ -79,7 +79,7 @@ def test_user_config_dir_adds_experiments(tmp_path):
     cfg = medgen.compose("train", ["experiment=mine"], config_dir=tmp_path)
     assert cfg.task_name == "mine"
     assert cfg.trainer.max_epochs == 2
-    assert cfg.model.net.latent_dim == 64  # inherited from quickstart
+    assert cfg.model.net.channels == [8, 16, 32]  # inherited from quickstart
 
 
 def test_sample_and_eval_configs_require_their_arguments():

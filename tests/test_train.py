@@ -61,7 +61,7 @@ def test_export_and_checkpoint_load_identically(trained):
     exported = medgen.load(out / "model")
     from_ckpt = medgen.load(out / "checkpoints" / "last.ckpt")  # EMA weights by default
     assert not exported.training
-    x = torch.rand(3, 1, 64, 64)
+    x = torch.rand(3, 1, 64, 64)  # quickstart size
     torch.testing.assert_close(exported.reconstruct(x), from_ckpt.reconstruct(x), rtol=0, atol=0)
     torch.testing.assert_close(
         exported.sample(4, seed=3), from_ckpt.sample(4, seed=3), rtol=0, atol=0

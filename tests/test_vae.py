@@ -8,6 +8,7 @@ import torch
 from medgen.data import PhantomDataset
 from medgen.models import VAE
 
+STEPS = 400
 TINY = {"channels": [8, 16], "norm_num_groups": 4, "latent_channels": 2}
 
 
@@ -66,34 +67,39 @@ def test_sampling_is_deterministic_per_seed():
 
 
 def test_loss_falls_on_phantoms():
+    """A small VAE learns phantom anatomy: its reconstructions beat the best constant image."""
     torch.manual_seed(0)
-    data = PhantomDataset(spatial_dims=2, size=32, length=32)
-    batch = torch.stack([data[i]["image"] for i in range(32)])
+    data = PhantomDataset(spatial_dims=2, size=32, length=64)
+    images = torch.stack([data[i]["image"] for i in range(64)])
+    val = PhantomDataset(spatial_dims=2, size=32, length=16, offset=1000)
+    val_images = torch.stack([val[i]["image"] for i in range(16)])
     model = VAE(
         net={
-            "channels": [16, 32, 32],
-            "norm_num_groups": 8,
+            "channels": [8, 16, 32],
+            "norm_num_groups": 4,
             "latent_channels": 4,
-            "latent_dim": 32,
             "image_size": 32,
+            "init_logvar": -4.0,
         },
-        beta=0.1,
+        beta=0.01,
+        kl_warmup_steps=50,
     )
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for step in range(60):
-        x = batch[(step * 8) % 32 : (step * 8) % 32 + 8]
+    for step in range(STEPS):
+        x = images[torch.randint(0, 64, (8,))]
         loss = model.loss(x, step=step)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
-    # reconstructions beat the best constant image (the data mean)
-    recon_err = (model.reconstruct(batch) - batch).abs().mean()
-    mean_err = (batch.mean(0, keepdim=True) - batch).abs().mean()
-    assert recon_err < mean_err
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    # on unseen subjects, reconstructions beat the best constant image (the training mean)
+    model.eval()
+    recon_err = (model.reconstruct(val_images) - val_images).abs().mean()
+    mean_err = (images.mean(0, keepdim=True) - val_images).abs().mean()
+    assert recon_err < 0.95 * mean_err, (recon_err, mean_err)
 
 
 def test_bad_arguments():
