@@ -95,8 +95,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     import lightning as L
 
-    from medgen.callbacks import EMA
-
     _register_resolvers()
     output_dir = ensure_writable_dir(cfg.paths.output_dir)
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
@@ -124,14 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(metrics, output_dir / "metrics.json")
     result["metrics"] = metrics
     if cfg.get("export", True):
-        ema = next((c for c in callbacks if isinstance(c, EMA)), None)
         model_dir = Path(cfg.paths.model_dir)
-        model = model.cpu()
-        if ema is not None:
-            with ema.swapped(model):
-                model.save_pretrained(model_dir)
-        else:
-            model.save_pretrained(model_dir)
+        _export(model, trainer, callbacks, checkpoint_dir / "last.ckpt", model_dir)
         result["model_dir"] = str(model_dir)
         if cfg.get("num_samples", 0) > 0:
             exported = load(model_dir)
@@ -143,6 +135,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ]
     log.info("medgen: outputs in %s", output_dir)
     return result
+
+
+def _export(model, trainer, callbacks: list[Any], last_ckpt: Path, model_dir: Path) -> None:
+    """Export the trained model (EMA weights when an EMA callback ran) to ``model_dir``."""
+    from medgen.callbacks import EMA
+
+    spawned = getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver")
+    if spawned and last_ckpt.is_file():
+        # Under ddp_spawn the callbacks of this process never saw training: the checkpoint
+        # written by rank 0 holds the trained weights and the EMA shadow.
+        load(last_ckpt).save_pretrained(model_dir)
+        return
+    ema = next((c for c in callbacks if isinstance(c, EMA)), None)
+    model = model.cpu()
+    if ema is not None:
+        with ema.swapped(model):
+            model.save_pretrained(model_dir)
+    else:
+        model.save_pretrained(model_dir)
 
 
 def write_samples(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import medgen
+import medgen.data
 from medgen.pretrained import CheckpointError, load_checkpoint_file
 from tests.conftest import EXPERIMENTS, tiny_overrides
 
@@ -230,3 +231,44 @@ def test_cli_prints_config_and_lists_experiments(tmp_path):
     )
     assert bad.returncode != 0
     assert "quickstart" in bad.stderr and "nope" in bad.stderr
+
+
+def test_3d_run_writes_volumes(tmp_path):
+    cfg = medgen.compose("train", tiny_overrides(tmp_path, "vae_3d") + ["data.train.size=16"])
+    result = medgen.train(cfg)
+    samples = [Path(p) for p in result["samples"]]
+    assert [p.name for p in samples] == ["sample_0000.nii.gz", "sample_0001.nii.gz"]
+    volume = medgen.data.read(samples[0])
+    assert volume.shape == (1, 16, 16, 16) and volume.dtype == torch.float32
+    logged = {p.name for p in (tmp_path / "samples").iterdir()}
+    assert {"epoch0000_inputs.png", "epoch0000_inputs_00.nii.gz"} <= logged
+
+
+def test_tensorboard_logger(tmp_path):
+    cfg = medgen.compose("train", tiny_overrides(tmp_path) + ["logger=tensorboard"])
+    medgen.train(cfg)
+    assert list((tmp_path / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_load_works_with_the_network_switched_off(trained, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    out, _ = trained
+    model = medgen.load(out / "model")
+    assert model.sample(2, seed=0).shape == (2, 1, 64, 64)
+
+
+def test_ddp_spawn_two_cpu_processes(tmp_path):
+    cfg = medgen.compose("train", tiny_overrides(tmp_path) + ["trainer=ddp_cpu"])
+    result = medgen.train(cfg)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert "val/psnr" in result["metrics"]
+    exported = medgen.load(tmp_path / "model")
+    from_ckpt = medgen.load(tmp_path / "checkpoints" / "last.ckpt")
+    x = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(exported.reconstruct(x), from_ckpt.reconstruct(x), rtol=0, atol=0)
