@@ -95,6 +95,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     import lightning as L
 
+    from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
+
     _register_resolvers()
     output_dir = ensure_writable_dir(cfg.paths.output_dir)
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
@@ -105,8 +107,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all")
     callbacks = _build_list(cfg.get("callbacks"))
     loggers = _build_list(cfg.get("logger"))
+    trainer_cfg = to_plain(cfg.trainer)
+    trainer_cfg.setdefault("plugins", [])
+    trainer_cfg["plugins"] = [*trainer_cfg["plugins"], AtomicCheckpointIO()]
     trainer = instantiate(
-        to_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False, _convert_="all"
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, _convert_="all"
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 

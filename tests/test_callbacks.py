@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -97,3 +99,24 @@ def test_write_image_set_2d_and_3d(tmp_path):
     back = read(paths[2])
     torch.testing.assert_close(torch.as_tensor(back)[0].float(), vols[1, 0])
     assert np.allclose(np.diag(np.asarray(back.affine))[:3], [1.0, 2.0, 3.0])
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    before = path.read_bytes()
+
+    def boom(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
