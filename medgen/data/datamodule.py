@@ -25,9 +25,10 @@ class EpochShuffleSampler(Sampler[int]):
         seed: Base seed of the permutations.
     """
 
-    def __init__(self, length: int, seed: int = 0) -> None:
+    def __init__(self, length: int, seed: int = 0, dataset: Dataset | None = None) -> None:
         self.length = int(length)
         self.seed = int(seed)
+        self.dataset = dataset
         self.epoch = 0
         #: Give this to the DataLoader as ``generator``: it draws the workers' base seed, which
         #: then also depends on (seed, epoch) only, and the global RNG is left untouched.
@@ -37,6 +38,9 @@ class EpochShuffleSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.loader_generator.manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777)
+        # datasets with epoch-dependent randomness (patches, paired crops) follow the same epoch
+        if self.dataset is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -51,8 +55,15 @@ class MedicalDataModule(L.LightningDataModule):
 
     Each split is a dataset config (``{"_target_": "medgen.data.PhantomDataset", ...}``) or an
     already built ``Dataset``. Datasets are created in :meth:`setup`, so a config can be composed
-    and inspected without touching the data. Splits must hold different subjects (the presets use
-    disjoint phantom indices or file lists); the module never splits one volume's slices.
+    and inspected without touching the data. Splits hold different subjects: the phantom presets
+    use disjoint indices, and when ``val`` is ``None`` and ``val_fraction > 0`` the training
+    config's ``source`` (folder, glob, CSV or JSON datalist) is split by subject with
+    :func:`medgen.data.datasets.split_by_subject`, so one patient's volumes and slices are never on
+    both sides.
+
+    The module also describes its data for the model configs to follow (``model.spatial_dims:
+    ${data.spatial_dims}``): ``spatial_dims``, ``channels`` and ``value_range`` (the intensity
+    range of the tensors its datasets produce, after their presets).
 
     Args:
         train: Training dataset (config or object).
@@ -64,7 +75,11 @@ class MedicalDataModule(L.LightningDataModule):
         pin_memory: Pin host memory (useful on GPU).
         persistent_workers: Keep workers alive between epochs (when ``num_workers > 0``).
         drop_last: Drop the last incomplete training batch.
-        seed: Seed of the training shuffle (see :class:`EpochShuffleSampler`).
+        seed: Seed of the training shuffle and of the subject split.
+        val_fraction: Fraction of subjects held out for validation when ``val`` is ``None``.
+        spatial_dims: 2 or 3, the dimensionality of the images the datasets return.
+        channels: Channels of the images (1 grey, 3 RGB).
+        value_range: ``(low, high)`` intensity range of the images after their presets.
     """
 
     def __init__(
@@ -79,6 +94,10 @@ class MedicalDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         drop_last: bool = True,
         seed: int = 0,
+        val_fraction: float = 0.0,
+        spatial_dims: int = 2,
+        channels: int = 1,
+        value_range: tuple[float, float] | list[float] = (0.0, 1.0),
     ) -> None:
         super().__init__()
         self.configs = {"train": train, "val": val, "test": test}
@@ -89,6 +108,10 @@ class MedicalDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.drop_last = drop_last
         self.seed = seed
+        self.val_fraction = float(val_fraction)
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+        self.value_range = tuple(value_range)
         self.datasets: dict[str, Dataset | None] = {}
 
     @staticmethod
@@ -97,8 +120,28 @@ class MedicalDataModule(L.LightningDataModule):
             return config
         return instantiate(to_plain(config), _convert_="all")
 
+    def _split_configs(self) -> dict[str, Any]:
+        """Replace a missing ``val`` by a subject-level split of the training ``source``."""
+        configs = dict(self.configs)
+        train = configs["train"]
+        if configs["val"] is not None or self.val_fraction <= 0 or isinstance(train, Dataset):
+            return configs
+        train = dict(to_plain(train))
+        if "source" not in train:
+            raise ValueError(
+                "val_fraction needs a training dataset config with a 'source' to split"
+            )
+        from medgen.data.datasets import resolve_sources, split_by_subject
+
+        items = resolve_sources(train["source"], **_source_kwargs(train))
+        train_items, val_items = split_by_subject(items, self.val_fraction, seed=self.seed)
+        configs["train"] = {**train, "source": train_items}
+        configs["val"] = {**train, "source": val_items, **_deterministic(train)}
+        return configs
+
     def setup(self, stage: str | None = None) -> None:
-        for split, config in self.configs.items():
+        configs = self._split_configs() if "train" not in self.datasets else self.configs
+        for split, config in configs.items():
             if split not in self.datasets:
                 self.datasets[split] = self._build(config)
         train = self.datasets["train"]
@@ -112,7 +155,7 @@ class MedicalDataModule(L.LightningDataModule):
         if dataset is None:
             return []  # Lightning skips the loop for an empty loader list
         batch_size = self.batch_size if split == "train" else self.val_batch_size
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        sampler = EpochShuffleSampler(len(dataset), self.seed, dataset) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=min(batch_size, len(dataset)) if not shuffle else batch_size,
@@ -132,3 +175,12 @@ class MedicalDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _source_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in ("key", "base_dir") if k in config}
+
+
+def _deterministic(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validation copies of a training config switch off random augmentation."""
+    return {k: v for k, v in (("flip", False), ("crop_size", None)) if k in config}
