@@ -140,17 +140,22 @@ def _load_module_state(
         model.get_submodule(name).load_state_dict(sub_state, strict=True)
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` and a clear error on failure."""
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with an error naming the file on failure."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"checkpoint '{path}' is corrupt, truncated or holds more than tensors: {err}"
         ) from err
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` and a clear error on failure."""
+    ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(
             f"checkpoint '{path}' has no 'state_dict'; not a Lightning checkpoint"

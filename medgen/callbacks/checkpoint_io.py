@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from medgen.pretrained import load_checkpoint_file
+from medgen.pretrained import safe_torch_load
 from medgen.utils.files import atomic_path
 
 
@@ -35,4 +35,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        return load_checkpoint_file(path)
+        return safe_torch_load(path, map_location=map_location or "cpu")

@@ -12,7 +12,8 @@ Conventions:
 - Arrays are ``(C, *spatial)``. A 2D image is ``(C, H, W)`` in ordinary array order (``H`` = rows),
   so ``read("x.png")[0]`` equals ``np.array(PIL.Image.open("x.png"))``. MONAI's PIL reader swaps the
   two axes by default (ITK convention); we switch that off. DICOM is read likewise as
-  ``(C, rows, columns)`` with an affine that matches this order.
+  ``(C, rows, columns)`` with an affine that matches this order, and a folder holding one DICOM
+  series as a volume ``(C, slices, rows, columns)``, slices ordered along the slice normal.
 - PyTorch has almost no arithmetic for ``torch.uint16`` (no add, max or clamp on CPU), so 16-bit
   data comes back as ``torch.int32`` (exact, as MONAI does it). The dtype stored in the file is kept
   as ``meta["source_dtype"]`` (e.g. ``"uint16"``); :func:`write` uses it to write a 16-bit PNG again.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import math
 import os
 import tempfile
 import warnings
@@ -35,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.image_reader import ImageReader
+from monai.data.image_reader import ImageReader, PydicomReader
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -201,6 +203,227 @@ def _loader() -> Any:
         return LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
 
 
+# --------------------------------------------------------------------------------------------------
+# DICOM series folders
+
+#: Files in a series folder that are not slices: the DICOMDIR index of a DICOM medium.
+_DICOM_INDEX_NAMES = frozenset({"dicomdir"})
+
+
+class _DicomSeriesReader(PydicomReader):
+    """MONAI's :class:`~monai.data.PydicomReader`, given slices that are already read and ordered.
+
+    On a folder, MONAI's reader stacks the slices in ``InstanceNumber`` order and skips (with a
+    warning) any file it cannot parse. We want the order along the slice normal and an error for
+    any bad file, so :func:`_dicom_series_slices` reads, checks and orders the files, and this
+    reader hands those datasets to MONAI's stacking, per-slice rescaling and affine code, which
+    orders them by ``InstanceNumber`` -- renumbered (in memory only) to the position order.
+    """
+
+    def __init__(self, datasets: list[Any], files: list[str]) -> None:
+        super().__init__(swap_ij=False)  # (rows, columns), as for a single file
+        self._datasets = datasets
+        self._files = files
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        return True
+
+    def read(self, data: Any, **kwargs: Any) -> Any:
+        # The state PydicomReader.read leaves for get_data when it has read a series folder.
+        self.has_series = True
+        self.filenames = [list(self._files)]
+        return list(self._datasets)
+
+
+def _dicom_float(ds: Any, keyword: str, count: int) -> np.ndarray | None:
+    """``count`` finite floats from a DICOM element, or ``None`` when absent or malformed."""
+    value = ds.get(keyword)
+    try:
+        array = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return array if array.shape == (count,) and np.isfinite(array).all() else None
+
+
+def _dicom_length(ds: Any, keyword: str) -> float | None:
+    """A positive finite length from a one-valued DICOM element, or ``None``."""
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _dicom_series_slices(folder: Path) -> tuple[list[Any], list[str], np.ndarray | None]:
+    """Read and check every slice of a series folder and order them along the slice normal.
+
+    Returns:
+        The pydicom datasets (pixel data decoded and cached) and their file names, ordered, and
+        the slice step as an LPS vector when it is known from the orientation (else ``None``).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower() not in _DICOM_INDEX_NAMES
+    )
+    if not files:
+        raise MedgenIOError(
+            f"{folder}: folder is empty; expected the DICOM files of one series "
+            "(sub-folders are not searched)"
+        )
+
+    datasets = []
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file)
+        except InvalidDicomError as exc:
+            raise MedgenIOError(
+                f"{file}: not a DICOM file ({exc}); the series folder {folder} must hold only the "
+                "DICOM files of one series"
+            ) from exc
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise MedgenIOError(
+                f"{file}: corrupt or truncated DICOM file in series folder {folder}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if "PixelData" not in ds:
+            raise MedgenIOError(
+                f"{file}: DICOM file has no pixel data (truncated, or not an image) in series "
+                f"folder {folder}"
+            )
+        try:
+            pixels = ds.pixel_array  # decoded once here; pydicom caches it for MONAI
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise MedgenIOError(
+                f"{file}: cannot decode the pixel data (corrupt or truncated?): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if pixels.ndim != 2:
+            raise MedgenIOError(
+                f"{file}: a series folder must hold single-frame grayscale slices, but this file "
+                f"holds an array of shape {pixels.shape} (multi-frame or colour); read it on its own"
+            )
+        datasets.append(ds)
+
+    uids: dict[str, int] = {}
+    for ds in datasets:
+        uid = str(ds.get("SeriesInstanceUID", "(no SeriesInstanceUID)"))
+        uids[uid] = uids.get(uid, 0) + 1
+    if len(uids) > 1:
+        listing = "; ".join(f"{uid} ({n} files)" for uid, n in sorted(uids.items()))
+        raise MedgenIOError(
+            f"{folder}: folder mixes {len(uids)} DICOM series (SeriesInstanceUID: {listing}); "
+            "put each series in its own folder"
+        )
+
+    shape = datasets[0].pixel_array.shape
+    for file, ds in zip(files, datasets, strict=True):
+        if ds.pixel_array.shape != shape:
+            raise MedgenIOError(
+                f"{file}: slice of {ds.pixel_array.shape[0]}x{ds.pixel_array.shape[1]} pixels in "
+                f"a series of {shape[0]}x{shape[1]} slices ({files[0].name})"
+            )
+
+    orientations = [_dicom_float(ds, "ImageOrientationPatient", 6) for ds in datasets]
+    positions = [_dicom_float(ds, "ImagePositionPatient", 3) for ds in datasets]
+    step = None
+    if all(o is not None for o in orientations) and all(p is not None for p in positions):
+        for file, o in zip(files, orientations, strict=True):
+            if not np.allclose(o, orientations[0], atol=1e-4):
+                raise MedgenIOError(
+                    f"{file}: ImageOrientationPatient {o.tolist()} differs from that of "
+                    f"{files[0].name} ({orientations[0].tolist()}) in series folder {folder}"
+                )
+        normal = np.cross(orientations[0][:3], orientations[0][3:])
+        normal /= max(float(np.linalg.norm(normal)), 1e-12)
+        distance = np.array([float(p @ normal) for p in positions])
+        order = np.argsort(distance, kind="stable")
+        gaps = np.diff(distance[order])
+        if gaps.size:
+            k = int(np.argmin(gaps))
+            if gaps[k] < 1e-3:
+                a, b = files[order[k]].name, files[order[k + 1]].name
+                raise MedgenIOError(
+                    f"{folder}: slices {a} and {b} lie at the same position along the slice normal "
+                    "(two acquisitions, e.g. echoes or phases, in one series?); separate them"
+                )
+            if gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-4:
+                warnings.warn(
+                    f"{folder}: slice spacing is not uniform ({gaps.min():.4g} to "
+                    f"{gaps.max():.4g} mm; a missing slice?); the affine uses the mean spacing "
+                    f"{gaps.mean():.4g} mm",
+                    stacklevel=3,
+                )
+        # The slice step of a one-slice series (more slices: the positions give it).
+        thickness = _dicom_length(datasets[0], "SpacingBetweenSlices")
+        thickness = thickness or _dicom_length(datasets[0], "SliceThickness") or 1.0
+        step = normal * thickness
+    else:
+        numbers = []
+        for file, ds in zip(files, datasets, strict=True):
+            try:
+                numbers.append(int(ds.InstanceNumber))
+            except (AttributeError, TypeError, ValueError):
+                raise MedgenIOError(
+                    f"{file}: slice has neither ImagePositionPatient/ImageOrientationPatient nor "
+                    f"InstanceNumber, so the slices of {folder} cannot be ordered"
+                ) from None
+        if len(set(numbers)) != len(numbers):
+            raise MedgenIOError(
+                f"{folder}: slices lack ImagePositionPatient and their InstanceNumbers repeat; "
+                "the slices cannot be ordered"
+            )
+        order = np.argsort(numbers, kind="stable")
+
+    ordered = [datasets[i] for i in order]
+    for rank, ds in enumerate(ordered):
+        ds.InstanceNumber = rank  # in memory: MONAI stacks in InstanceNumber order
+    return ordered, [str(files[i]) for i in order], step
+
+
+def _read_dicom_series(folder: Path) -> MetaTensor:
+    """Read a folder holding one DICOM series as ``(1, slices, rows, columns)``; see :func:`read`."""
+    datasets, files, step = _dicom_series_slices(folder)
+    reader = _SourceDtypeReader(_DicomSeriesReader(datasets, files), ".dcm")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            image = _loader()(str(folder), reader=reader)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise MedgenIOError(
+            f"{folder}: cannot assemble the DICOM series: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(image, MetaTensor):  # pragma: no cover - LoadImage always returns one
+        image = MetaTensor(image)
+
+    affine = image.affine.detach().cpu().numpy().astype(np.float64)
+    array = image.as_tensor()
+    if array.ndim == 2:  # one slice: MONAI gives (rows, columns) and no slice direction
+        array = array[..., None]
+        if step is not None:
+            affine[:3, 2] = np.array([-1.0, -1.0, 1.0]) * step  # LPS -> RAS
+    # (rows, columns, slices) -> (slices, rows, columns); affine columns permuted to match.
+    array = array.permute(2, 0, 1).unsqueeze(0).contiguous()
+    affine = affine[:, [2, 0, 1, 3]]
+    meta = dict(image.meta)
+    meta["spatial_shape"] = np.asarray(array.shape[1:])
+    meta["original_affine"] = affine.copy()
+    meta["original_channel_dim"] = float("nan")
+    meta["spacing"] = _spacing_from_affine(affine, 3)
+    meta["filename_or_obj"] = str(folder)
+    meta.pop("affine", None)
+    return MetaTensor(array, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+
+
 def read(path: str | Path) -> MetaTensor:
     """Read an image or volume as a channel-first tensor with its affine.
 
@@ -209,8 +432,17 @@ def read(path: str | Path) -> MetaTensor:
     (rescale slope/intercept applied, so CT comes back in HU as float), numpy for ``.npy``
     (channel-first as written by :func:`write`; a 2D array is one channel).
 
+    A *folder* is read as one DICOM series (files named ``*.dcm`` or without extension alike; a
+    ``DICOMDIR`` index and hidden files are ignored, sub-folders are not searched): a volume
+    ``(1, D, H, W)`` = ``(1, slices, rows, columns)``, its slices ordered by position along the
+    slice normal (``ImageOrientationPatient``, ``ImagePositionPatient``; by ``InstanceNumber``
+    only when positions are missing), each slice rescaled to HU/physical units by its own slope
+    and intercept, with an affine (RAS, as MONAI's readers give) whose slice axis runs from the
+    first to the last slice position. A folder with one file gives ``(1, 1, H, W)`` with the slice
+    axis along the normal, ``SpacingBetweenSlices`` (or ``SliceThickness``, else 1) long.
+
     Args:
-        path: file to read.
+        path: file to read, or a folder holding the DICOM files of one series.
 
     Returns:
         ``MetaTensor`` of shape ``(C, *spatial)``. Its dtype is the file's (``uint8`` stays
@@ -221,9 +453,14 @@ def read(path: str | Path) -> MetaTensor:
 
     Raises:
         MedgenIOError: missing file, unsupported suffix, or a file that cannot be decoded
-            (corrupt, truncated, wrong format).
+            (corrupt, truncated, wrong format); for a folder also: no files, a file that is not
+            a readable single-frame DICOM image (named), several series (their
+            ``SeriesInstanceUID`` listed), slices of different sizes or orientations, or two
+            slices at one position.
     """
     path = Path(path)
+    if path.is_dir():
+        return _read_dicom_series(path)
     suffix = image_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise MedgenIOError(

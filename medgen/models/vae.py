@@ -41,6 +41,9 @@ class VAE(GenerativeModule):
         scheduler: Scheduler config or ``None``.
         spacing: Voxel spacing of exported 3D samples.
         num_log_images: Images per validation grid.
+        sample_size: Spatial size of prior samples for a spatial latent (default:
+            ``net.image_size``, else the size of the first training batch, recorded so that
+            checkpoints and exported models sample at the training size).
     """
 
     export_modules = ("net",)
@@ -58,6 +61,7 @@ class VAE(GenerativeModule):
         scheduler: Mapping[str, Any] | None = None,
         spacing: Sequence[float] | None = None,
         num_log_images: int = 8,
+        sample_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(spatial_dims, value_range, optimizer, scheduler, spacing)
         self.save_hyperparameters()
@@ -70,7 +74,7 @@ class VAE(GenerativeModule):
         if net_kwargs["spatial_dims"] != spatial_dims:
             raise ValueError("net.spatial_dims differs from the model's spatial_dims")
         self.net = VAENet(**net_kwargs)
-        self.image_size = net_kwargs.get("image_size")
+        self.image_size = sample_size or net_kwargs.get("image_size")
         self.beta = float(beta)
         self.kl_warmup_steps = int(kl_warmup_steps)
         self.recon_fn = RECON_LOSSES[recon_loss]
@@ -102,7 +106,11 @@ class VAE(GenerativeModule):
         }
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        terms = self.loss(batch[self.image_key])
+        x = batch[self.image_key]
+        if self.image_size is None:  # remember the training size for sampling and export
+            self.image_size = tuple(int(s) for s in x.shape[2:])
+            self.hparams["sample_size"] = list(self.image_size)
+        terms = self.loss(x)
         self.log("train/loss", terms["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"})
         return terms["loss"]
