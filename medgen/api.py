@@ -171,7 +171,7 @@ def write_samples(
 ) -> list[Path]:
     """Draw ``num_samples`` samples from ``model`` and write them as files, one per sample.
 
-    2D samples become 16-bit PNG files scaled from the model's ``value_range`` (grey or RGB);
+    2D samples become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
     3D samples become float32 NIfTI ``.nii.gz`` files with the model's voxel spacing. The same
     seed gives byte-identical files.
     """
@@ -190,7 +190,8 @@ def write_samples(
         else:
             path = output_dir / f"{prefix}_{i:04d}.png"
             image = image.clamp(*value_range)
-            paths.append(write(image.float(), path, value_range=value_range, bit_depth=16))
+            bit_depth = 16 if image.shape[0] == 1 else 8  # PNG has no 16-bit RGB in Pillow
+            paths.append(write(image.float(), path, value_range=value_range, bit_depth=bit_depth))
     return paths
 
 

@@ -171,3 +171,49 @@ def test_phantom_pairs(pair):
     batch = next(iter(dm.train_dataloader()))
     assert batch["a"].shape == batch["b"].shape == (8, 1, 64, 64)
     assert not torch.equal(batch["a"], batch["b"])
+
+
+def test_nifti_slices_and_patches(mni_folder):
+    _, dm = _datamodule(
+        [
+            "data=nifti_slices",
+            f"data.train.source={mni_folder}",
+            "data.val_fraction=0.34",
+            "data.batch_size=4",
+        ]
+    )
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 16, 16)
+    assert not {s for s in train.volumes.subjects} & {s for s in val.volumes.subjects}
+    _, dm = _datamodule(
+        [
+            "data=nifti_patches",
+            f"data.train.source={mni_folder}",
+            "data.val_fraction=0.34",
+            "data.train.patch_size=[8,8,8]",
+            "data.batch_size=2",
+        ]
+    )
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 1, 8, 8, 8)
+
+
+def test_vae_trains_on_one_side_of_bci_pairs(rgb_pairs, tmp_path):
+    overrides = [
+        f"paths.output_dir={tmp_path}",
+        "data=bci",
+        f"data.train.root={rgb_pairs}",
+        "data.train.crop_size=32",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "model.image_key=b",
+        "trainer.max_epochs=1",
+        "~callbacks.progress_bar",
+        "num_samples=2",
+    ]
+    result = medgen.train(medgen.compose("train", overrides))
+    assert "val/psnr" in result["metrics"]
+    sample = medgen.data.read(result["samples"][0])
+    assert sample.shape == (3, 32, 32)  # prior samples at the training crop size
+    assert sample.dtype == torch.uint8  # RGB histology is written as 8-bit RGB PNG

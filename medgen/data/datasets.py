@@ -922,7 +922,7 @@ class SliceDataset(_TrainValMixin, Dataset):
     int}``; the affine maps slice voxel ``(i, j, 0)`` to the world.
 
     Args:
-        source_or_volume_dataset: a source for :func:`resolve_sources`, or a 3D
+        source: a source for :func:`resolve_sources`, or a 3D
             :class:`VolumeDataset`; omit when ``items`` is given.
         axis: spatial axis to slice along: 0, 1, 2 for ``D``, ``H``, ``W`` (negatives count from
             the end). Slices along 0 are ``(C, H, W)``, along 1 ``(C, D, W)``, along 2 ``(C, D, H)``.
@@ -942,7 +942,7 @@ class SliceDataset(_TrainValMixin, Dataset):
 
     def __init__(
         self,
-        source_or_volume_dataset: Source | VolumeDataset | None = None,
+        source: Source | VolumeDataset | None = None,
         *,
         axis: int = -1,
         min_foreground: float = 0.05,
@@ -961,9 +961,7 @@ class SliceDataset(_TrainValMixin, Dataset):
         self.min_foreground = float(min_foreground)
         self.threshold = threshold
         self.transform = transform
-        self.volumes = _volumes_from(
-            source_or_volume_dataset, items, 3, dict(volume_kwargs), default_check=False
-        )
+        self.volumes = _volumes_from(source, items, 3, dict(volume_kwargs), default_check=False)
         self._volume = _LastVolume(self.volumes)
         table = []
         reference: tuple[str, tuple[int, ...]] | None = None
@@ -1048,7 +1046,7 @@ class PatchDataset(_EpochMixin, _TrainValMixin, Dataset):
     affine is shifted accordingly.
 
     Args:
-        source_or_volume_dataset: a source for :func:`resolve_sources`, or a
+        source: a source for :func:`resolve_sources`, or a
             :class:`VolumeDataset`; omit when ``items`` is given.
         patch_size: one int for every axis or one per spatial axis.
         patches_per_volume: patches per volume and epoch.
@@ -1063,7 +1061,7 @@ class PatchDataset(_EpochMixin, _TrainValMixin, Dataset):
 
     def __init__(
         self,
-        source_or_volume_dataset: Source | VolumeDataset | None = None,
+        source: Source | VolumeDataset | None = None,
         *,
         patch_size: int | Sequence[int],
         patches_per_volume: int = 8,
@@ -1081,7 +1079,7 @@ class PatchDataset(_EpochMixin, _TrainValMixin, Dataset):
         self.seed = _check_seed(seed)
         self.transform = transform
         self.volumes = _volumes_from(
-            source_or_volume_dataset, items, spatial_dims, dict(volume_kwargs), default_check=False
+            source, items, spatial_dims, dict(volume_kwargs), default_check=False
         )
         self._volume = _LastVolume(self.volumes)
         self._init_epoch()
