@@ -257,3 +257,22 @@ def test_names_and_listing(tmp_path):
     assert str(empty) in str(info.value)
     with pytest.raises(MedgenIOError, match="does not exist"):
         list_images(tmp_path / "nowhere")
+
+
+def test_mni152_template_round_trip_is_exact(tmp_path):
+    """The MNI152 T1 template shipped with nilearn: read -> write -> read keeps values and affine."""
+    nilearn = pytest.importorskip("nilearn")
+    path = (
+        Path(nilearn.__file__).parent
+        / "datasets"
+        / "data"
+        / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    )
+    before = _sha(path)
+    original = read(path)
+    copy = read(write(original, tmp_path / "mni.nii.gz"))
+    assert copy.shape == original.shape == (1, 197, 233, 189)
+    assert copy.dtype == original.dtype
+    assert torch.equal(copy.as_tensor(), original.as_tensor())
+    assert np.array_equal(np.asarray(copy.affine), np.asarray(original.affine))
+    assert _sha(path) == before, "the input file must not change"
