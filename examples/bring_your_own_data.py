@@ -49,8 +49,12 @@ def main() -> None:
         float(item["image"].max()),
     )
     restored = preset.inverse(item["image"])  # back to the file's units for this volume
-    original = read(item["path"])
-    print("max error after inverse:", float((restored - original).abs().max()))
+    original = read(item["path"]).float()
+    error = (restored - original).abs() / (original.max() - original.min())
+    # voxels beyond the 0.5/99.5 percentiles were clipped and come back at the percentile values
+    print(
+        f"voxels restored to 1e-4 of the range: {100 * float((error < 1e-4).float().mean()):.1f}%"
+    )
 
     # From the command line (the same through medgen.compose / medgen.train):
     #   medgen-train experiment=vae_3d data=nifti_folder data.train.source=DIR
