@@ -1,0 +1,560 @@
+"""Image-to-image translation nets: ResNet and UNet generators, PatchGAN and pixel discriminators.
+
+These follow the reference behaviour of pix2pix / CycleGAN (Isola et al., CVPR 2017; Zhu et al.,
+ICCV 2017; junyanz/pytorch-CycleGAN-and-pix2pix), written from its documented facts, with the
+additions the medical presets need:
+
+* every net takes ``spatial_dims`` (2 or 3) first, so one class serves images and volumes;
+* :class:`ResnetGenerator` can upsample by nearest-resize then convolution and add a global residual,
+  as COMI (Zhang et al., CSBJ 2022) does for out-of-focus correction;
+* norms are given by name or ``(name, kwargs)`` through :func:`medgen.nn.factories.get_norm_layer`.
+  ``"instance"`` means instance norm *without* affine parameters, as upstream; convolutions carry a
+  bias only when the norm that follows has no shift of its own (instance without affine, or none),
+  so ``"batch"`` convs have no bias, as upstream.
+
+Presets: ``resnet_9blocks`` = ``ResnetGenerator(n_blocks=9)``, ``resnet_6blocks`` = ``n_blocks=6``,
+``unet_256`` = ``UnetGenerator(num_downs=8)``, ``unet_128`` = ``num_downs=7``, ``basic`` =
+``NLayerDiscriminator(n_layers=3)`` (the 70x70 PatchGAN), ``pixel`` = :class:`PixelDiscriminator`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from medgen.nn.factories import (
+    NormSpec,
+    _split_spec,
+    check_spatial_dims,
+    conv_nd,
+    conv_transpose_nd,
+    get_act_layer,
+    get_norm_layer,
+)
+
+__all__ = [
+    "INIT_TYPES",
+    "NLayerDiscriminator",
+    "PixelDiscriminator",
+    "ResnetBlock",
+    "ResnetGenerator",
+    "UnetGenerator",
+    "UnetSkipBlock",
+    "init_weights",
+    "patchgan_layers",
+    "receptive_field",
+]
+
+_PADDING_MODES = {"reflect": "reflect", "replicate": "replicate", "zero": "zeros", "zeros": "zeros"}
+INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _resolve_norm(norm: NormSpec) -> NormSpec:
+    """Turn ``"instance"`` (or ``("instance", kwargs)``) into instance norm with ``affine=False``.
+
+    Upstream pix2pix/CycleGAN uses non-affine instance norm; our factory defaults to affine, so the
+    translation nets ask for ``affine=False`` unless the caller says otherwise.
+    """
+    name, kwargs = _split_spec(norm, "norm")
+    if isinstance(name, str) and name.lower().replace("_", "").replace("norm", "") == "instance":
+        kwargs.setdefault("affine", False)
+        return (name, kwargs)
+    return norm
+
+
+def _norm(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
+    return get_norm_layer(_resolve_norm(norm), spatial_dims, channels)
+
+
+def _conv_bias(norm: NormSpec, spatial_dims: int) -> bool:
+    """Whether a convolution followed by ``norm`` needs its own bias.
+
+    A bias is redundant before a norm with a learned shift (batch, group, affine instance); it is kept
+    before an identity or a non-affine instance norm.
+    """
+    layer = _norm(norm, spatial_dims, 8)
+    return getattr(layer, "bias", None) is None
+
+
+def _padding_mode(padding_type: str) -> str:
+    try:
+        return _PADDING_MODES[padding_type]
+    except KeyError:
+        raise ValueError(
+            f"Unknown padding_type {padding_type!r}; valid are 'reflect', 'replicate', 'zero'."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# ResNet generator
+# --------------------------------------------------------------------------------------------------
+class ResnetBlock(nn.Module):
+    """Residual block ``x + norm(conv3(drop(relu(norm(conv3(x))))))`` with same-size padding.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: Number of input and output channels.
+        norm: Normalisation (name or ``(name, kwargs)``); ``"instance"`` is non-affine.
+        use_dropout: Dropout 0.5 between the two convolutions.
+        padding_type: ``"reflect"``, ``"replicate"`` or ``"zero"``.
+        bias: Whether the convolutions have a bias.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        norm: NormSpec = "instance",
+        use_dropout: bool = False,
+        padding_type: str = "reflect",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        mode = _padding_mode(padding_type)
+        layers: list[nn.Module] = [
+            conv(channels, channels, 3, padding=1, padding_mode=mode, bias=bias),
+            _norm(norm, spatial_dims, channels),
+            nn.ReLU(inplace=True),
+        ]
+        if use_dropout:
+            layers.append(nn.Dropout(0.5))
+        layers += [
+            conv(channels, channels, 3, padding=1, padding_mode=mode, bias=bias),
+            _norm(norm, spatial_dims, channels),
+        ]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, C, *spatial)`` to ``(B, C, *spatial)``."""
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """ResNet generator of CycleGAN/pix2pix (``resnet_9blocks``, ``resnet_6blocks``), 2D or 3D.
+
+    Layout: padded 7-conv to ``ngf``; two stride-2 3-convs (``ngf -> 2 ngf -> 4 ngf``); ``n_blocks``
+    residual blocks at ``4 ngf``; two x2 upsamplings back to ``ngf``; padded 7-conv to
+    ``out_channels``; optional global residual; final activation.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Input channels.
+        out_channels: Output channels.
+        ngf: Width of the first layer.
+        n_blocks: Number of residual blocks (9 or 6 upstream).
+        norm: ``"instance"`` (non-affine, the default), ``"batch"``, ``"none"``, ... or
+            ``(name, kwargs)``.
+        use_dropout: Dropout 0.5 inside each residual block.
+        padding_type: ``"reflect"`` (default), ``"replicate"`` or ``"zero"``; used for the 7-convs,
+            the residual blocks and resize-conv upsampling.
+        upsample: ``"transpose"`` (3-kernel stride-2 transposed conv, upstream) or ``"resize_conv"``
+            (nearest x2 then a 3-conv, as COMI; avoids checkerboard artefacts).
+        global_residual: Add the input to the output before the final activation (COMI). Needs
+            ``in_channels == out_channels``.
+        final_act: ``"tanh"`` (default), ``None`` or any :func:`get_act_layer` spec.
+
+    Input ``(B, in_channels, *spatial)`` with each spatial size divisible by 4; output
+    ``(B, out_channels, *spatial)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        ngf: int = 64,
+        n_blocks: int = 9,
+        norm: NormSpec = "instance",
+        use_dropout: bool = False,
+        padding_type: str = "reflect",
+        upsample: str = "transpose",
+        global_residual: bool = False,
+        final_act: Any = "tanh",
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks must be >= 0, got {n_blocks}.")
+        if upsample not in ("transpose", "resize_conv"):
+            raise ValueError(f"upsample must be 'transpose' or 'resize_conv', got {upsample!r}.")
+        if global_residual and in_channels != out_channels:
+            raise ValueError(
+                "global_residual=True adds the input to the output and needs in_channels == "
+                f"out_channels, got {in_channels} and {out_channels}."
+            )
+        self.spatial_dims = spatial_dims
+        self.global_residual = bool(global_residual)
+        conv = conv_nd(spatial_dims)
+        mode = _padding_mode(padding_type)
+        bias = _conv_bias(norm, spatial_dims)
+
+        layers: list[nn.Module] = [
+            conv(in_channels, ngf, 7, padding=3, padding_mode=mode, bias=bias),
+            _norm(norm, spatial_dims, ngf),
+            nn.ReLU(inplace=True),
+        ]
+        ch = ngf
+        for _ in range(2):
+            layers += [
+                conv(ch, ch * 2, 3, stride=2, padding=1, bias=bias),
+                _norm(norm, spatial_dims, ch * 2),
+                nn.ReLU(inplace=True),
+            ]
+            ch *= 2
+        for _ in range(n_blocks):
+            layers.append(ResnetBlock(spatial_dims, ch, norm, use_dropout, padding_type, bias))
+        for _ in range(2):
+            if upsample == "transpose":
+                up: list[nn.Module] = [
+                    conv_transpose_nd(spatial_dims)(
+                        ch, ch // 2, 3, stride=2, padding=1, output_padding=1, bias=bias
+                    )
+                ]
+            else:
+                up = [
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    conv(ch, ch // 2, 3, padding=1, padding_mode=mode, bias=bias),
+                ]
+            layers += [*up, _norm(norm, spatial_dims, ch // 2), nn.ReLU(inplace=True)]
+            ch //= 2
+        self.body = nn.Sequential(*layers)
+        self.head = conv(ch, out_channels, 7, padding=3, padding_mode=mode)
+        self.final_act = get_act_layer(final_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Translate ``(B, in_channels, *spatial)`` to ``(B, out_channels, *spatial)``."""
+        out = self.head(self.body(x))
+        if self.global_residual:
+            out = out + x
+        return self.final_act(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# UNet generator
+# --------------------------------------------------------------------------------------------------
+class UnetSkipBlock(nn.Module):
+    """One level of the recursive pix2pix UNet: ``down -> submodule -> up``, concatenated with input.
+
+    Down: LeakyReLU(0.2), stride-2 4-conv, norm (the outermost level has no activation or norm before
+    its conv; the innermost has no norm after it). Up: ReLU, stride-2 4-transposed-conv, norm and
+    optional dropout 0.5 (the outermost level ends with ``final_act`` instead of a norm). Inner levels
+    return ``cat([LeakyReLU(x), up(...)], dim=1)``: upstream's in-place activation reaches the skip.
+
+    Args:
+        spatial_dims: 2 or 3.
+        outer_channels: Channels this level returns (before concatenation).
+        inner_channels: Channels after the down convolution.
+        in_channels: Channels of the input, defaults to ``outer_channels``.
+        submodule: The next, inner level (``None`` for the innermost).
+        outermost: This is the outermost level.
+        norm: Normalisation spec.
+        use_dropout: Dropout 0.5 after the up norm.
+        final_act: Activation of the outermost level.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        outer_channels: int,
+        inner_channels: int,
+        in_channels: int | None = None,
+        submodule: nn.Module | None = None,
+        outermost: bool = False,
+        norm: NormSpec = "batch",
+        use_dropout: bool = False,
+        final_act: Any = "tanh",
+    ) -> None:
+        super().__init__()
+        self.outermost = outermost
+        innermost = submodule is None
+        in_channels = outer_channels if in_channels is None else in_channels
+        bias = _conv_bias(norm, spatial_dims)
+        down_conv = conv_nd(spatial_dims)(
+            in_channels, inner_channels, 4, stride=2, padding=1, bias=bias
+        )
+        up_in = inner_channels if innermost else inner_channels * 2
+        up_conv_cls = conv_transpose_nd(spatial_dims)
+
+        # Upstream's in-place LeakyReLU also activates the tensor kept for the skip connection, so
+        # inner levels concatenate LeakyReLU(x); we apply it once, out of place, to the same effect.
+        self.act_in = nn.Identity() if outermost else nn.LeakyReLU(0.2)
+        down: list[nn.Module] = [down_conv]
+        if not outermost and not innermost:
+            down.append(_norm(norm, spatial_dims, inner_channels))
+
+        up: list[nn.Module] = [nn.ReLU(inplace=True)]
+        if outermost:
+            up += [up_conv_cls(up_in, outer_channels, 4, stride=2, padding=1)]
+            up.append(get_act_layer(final_act))
+        else:
+            up += [
+                up_conv_cls(up_in, outer_channels, 4, stride=2, padding=1, bias=bias),
+                _norm(norm, spatial_dims, outer_channels),
+            ]
+            if use_dropout:
+                up.append(nn.Dropout(0.5))
+        mid = [] if submodule is None else [submodule]
+        self.model = nn.Sequential(*down, *mid, *up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the level; inner levels concatenate their (activated) input as the skip connection."""
+        h = self.act_in(x)
+        out = self.model(h)
+        if self.outermost:
+            return out
+        return torch.cat([h, out], 1)
+
+
+class UnetGenerator(nn.Module):
+    """Recursive skip-connection UNet of pix2pix (``unet_256``: 8 downs, ``unet_128``: 7), 2D or 3D.
+
+    Level ``i`` (0 = outermost) maps to ``ngf * min(2**i, 8)`` channels with a stride-2 4-conv, so an
+    input of size ``2**num_downs`` reaches a ``1`` bottleneck. For ``num_downs >= 5`` this is exactly
+    the upstream layout; levels ``4 .. num_downs - 2`` (the ``8 ngf -> 8 ngf`` levels between the
+    innermost and the fixed outer four) get dropout 0.5 when ``use_dropout``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Input channels.
+        out_channels: Output channels.
+        num_downs: Number of stride-2 downsamplings (>= 2).
+        ngf: Width of the outermost level.
+        norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+        use_dropout: Dropout 0.5 in the middle ``8 ngf`` up blocks.
+        final_act: ``"tanh"`` (default), ``None`` or any :func:`get_act_layer` spec.
+
+    Input ``(B, in_channels, *spatial)`` with each spatial size divisible by ``2**num_downs``; output
+    ``(B, out_channels, *spatial)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        num_downs: int = 8,
+        ngf: int = 64,
+        norm: NormSpec = "batch",
+        use_dropout: bool = False,
+        final_act: Any = "tanh",
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if num_downs < 2:
+            raise ValueError(f"num_downs must be >= 2, got {num_downs}.")
+        self.spatial_dims = spatial_dims
+        self.num_downs = int(num_downs)
+
+        def width(level: int) -> int:
+            return ngf * min(2**level, 8)
+
+        block: nn.Module | None = None
+        for level in range(num_downs - 1, 0, -1):  # innermost first
+            block = UnetSkipBlock(
+                spatial_dims,
+                outer_channels=width(level - 1),
+                inner_channels=width(level),
+                submodule=block,
+                norm=norm,
+                use_dropout=use_dropout and 4 <= level <= num_downs - 2,
+            )
+        self.model = UnetSkipBlock(
+            spatial_dims,
+            outer_channels=out_channels,
+            inner_channels=ngf,
+            in_channels=in_channels,
+            submodule=block,
+            outermost=True,
+            norm=norm,
+            final_act=final_act,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Translate ``(B, in_channels, *spatial)`` to ``(B, out_channels, *spatial)``."""
+        factor = 2**self.num_downs
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(
+                f"UnetGenerator with num_downs={self.num_downs} needs spatial sizes divisible by "
+                f"{factor}, got {tuple(x.shape[2:])}."
+            )
+        return self.model(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# discriminators
+# --------------------------------------------------------------------------------------------------
+def patchgan_layers(n_layers: int = 3) -> list[tuple[int, int]]:
+    """``(kernel, stride)`` of each convolution of :class:`NLayerDiscriminator`, input to output.
+
+    ``n_layers`` stride-2 4-convs, then a stride-1 4-conv and the stride-1 4-conv to one logit.
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}.")
+    return [(4, 2)] * n_layers + [(4, 1), (4, 1)]
+
+
+def receptive_field(n_layers: int = 3) -> int:
+    """Receptive field (pixels per side) of one output logit of :class:`NLayerDiscriminator`.
+
+    Walks the layer stack from the output back: ``r <- (r - 1) * stride + kernel``. Gives 70 for
+    ``n_layers=3`` (the 70x70 PatchGAN), 34 for 2, 16 for 1, 142 for 4.
+    """
+    r = 1
+    for kernel, stride in reversed(patchgan_layers(n_layers)):
+        r = (r - 1) * stride + kernel
+    return r
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator (``basic`` = ``n_layers=3``, the 70x70 PatchGAN), 2D or 3D.
+
+    Convs of kernel 4, padding 1: ``in -> ndf`` (stride 2, no norm), then ``n_layers - 1`` stride-2
+    convs doubling the width (capped at ``8 ndf``), one stride-1 conv, and a stride-1 conv to one
+    logit per patch; LeakyReLU(0.2) between. A 256x256 input gives 30x30 logits for ``n_layers=3``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Input channels (for conditional GANs, input and output concatenated).
+        ndf: Width of the first layer.
+        n_layers: Number of stride-2 convolutions.
+        norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+
+    Input ``(B, in_channels, *spatial)``; output ``(B, 1, *patches)`` of raw logits.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        ndf: int = 64,
+        n_layers: int = 3,
+        norm: NormSpec = "batch",
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        conv = conv_nd(spatial_dims)
+        bias = _conv_bias(norm, spatial_dims)
+        specs = patchgan_layers(n_layers)
+        layers: list[nn.Module] = []
+        ch_in = in_channels
+        for i, (kernel, stride) in enumerate(specs):
+            last = i == len(specs) - 1
+            ch_out = 1 if last else ndf * min(2**i, 8)
+            first = i == 0
+            layers.append(
+                conv(ch_in, ch_out, kernel, stride=stride, padding=1, bias=first or last or bias)
+            )
+            if not first and not last:
+                layers.append(_norm(norm, spatial_dims, ch_out))
+            if not last:
+                layers.append(nn.LeakyReLU(0.2, inplace=True))
+            ch_in = ch_out
+        self.model = nn.Sequential(*layers)
+        self.n_layers = n_layers
+
+    @property
+    def receptive_field(self) -> int:
+        """Receptive field of one output logit, in input pixels per side."""
+        return receptive_field(self.n_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, in_channels, *spatial)`` to patch logits ``(B, 1, *patches)``."""
+        return self.model(x)
+
+
+class PixelDiscriminator(nn.Module):
+    """1x1 PatchGAN (``pixel``): classifies each pixel/voxel independently, 2D or 3D.
+
+    ``in -> ndf -> 2 ndf -> 1`` with 1x1 convs, LeakyReLU(0.2) and a norm after the second conv.
+    As upstream, the convs after the first have a bias only when the norm has no shift.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Input channels.
+        ndf: Width of the first layer.
+        norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+
+    Input ``(B, in_channels, *spatial)``; output ``(B, 1, *spatial)`` of raw logits.
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, ndf: int = 64, norm: NormSpec = "batch"
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        conv = conv_nd(spatial_dims)
+        bias = _conv_bias(norm, spatial_dims)
+        self.model = nn.Sequential(
+            conv(in_channels, ndf, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            conv(ndf, ndf * 2, 1, bias=bias),
+            _norm(norm, spatial_dims, ndf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            conv(ndf * 2, 1, 1, bias=bias),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, in_channels, *spatial)`` to per-pixel logits ``(B, 1, *spatial)``."""
+        return self.model(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# initialisation
+# --------------------------------------------------------------------------------------------------
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def init_weights(module: nn.Module, init_type: str = "normal", gain: float = 0.02) -> nn.Module:
+    """Initialise conv / linear / norm weights in place, as pix2pix and CycleGAN do.
+
+    Conv, transposed-conv and linear weights: ``normal`` N(0, gain), ``xavier`` Xavier-normal with
+    ``gain``, ``kaiming`` Kaiming-normal (fan-in, ``a=0``; ``gain`` unused) or ``orthogonal`` with
+    ``gain``; their biases are set to 0. Affine norm layers (batch, group, instance): weight
+    N(1, gain), bias 0.
+
+    Args:
+        module: The module to initialise (recursively).
+        init_type: One of ``"normal"``, ``"xavier"``, ``"kaiming"``, ``"orthogonal"``.
+        gain: Standard deviation / scaling gain.
+
+    Returns:
+        ``module``, for chaining.
+
+    Raises:
+        ValueError: For an unknown ``init_type``.
+    """
+    key = str(init_type).lower()
+    if key not in INIT_TYPES:
+        raise ValueError(
+            f"Unknown init_type {init_type!r}; valid are {', '.join(map(repr, INIT_TYPES))}."
+        )
+
+    def init_fn(m: nn.Module) -> None:
+        weight = getattr(m, "weight", None)
+        bias = getattr(m, "bias", None)
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and weight is not None:
+            if key == "normal":
+                nn.init.normal_(weight, 0.0, gain)
+            elif key == "xavier":
+                nn.init.xavier_normal_(weight, gain=gain)
+            elif key == "kaiming":
+                nn.init.kaiming_normal_(weight, a=0, mode="fan_in")
+            else:
+                nn.init.orthogonal_(weight, gain=gain)
+            if bias is not None:
+                nn.init.zeros_(bias)
+        elif isinstance(m, _NORM_TYPES):
+            if weight is not None:
+                nn.init.normal_(weight, 1.0, gain)
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    with torch.no_grad():
+        module.apply(init_fn)
+    return module
