@@ -1,6 +1,7 @@
 """Complete networks assembled from :mod:`medgen.nn` blocks."""
 
 from medgen.nets.autoencoder import Decoder, Encoder
+from medgen.nets.diffusion_unet import DiffusionUNet
 from medgen.nets.translation import (
     NLayerDiscriminator,
     PixelDiscriminator,
@@ -13,6 +14,7 @@ from medgen.nets.vae import VAENet
 
 __all__ = [
     "Decoder",
+    "DiffusionUNet",
     "Encoder",
     "NLayerDiscriminator",
     "PixelDiscriminator",

@@ -2,6 +2,7 @@
 
 from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ConvBlock, ResBlock, zero_module
+from medgen.nn.cross_attention import CrossAttention
 from medgen.nn.distributions import DiagonalGaussian
 from medgen.nn.embeddings import timestep_embedding
 from medgen.nn.factories import (
@@ -15,6 +16,7 @@ from medgen.nn.sampling import Downsample, Upsample
 
 __all__ = [
     "ConvBlock",
+    "CrossAttention",
     "DiagonalGaussian",
     "Downsample",
     "ResBlock",

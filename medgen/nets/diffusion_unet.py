@@ -1,0 +1,389 @@
+"""Time- and class-conditioned UNet backbone for pixel and latent diffusion, 2D and 3D.
+
+The layout is the ADM / latent-diffusion UNet (Ho et al., 2020; Dhariwal & Nichol, 2021; Rombach
+et al., 2022) with the argument names of MONAI's ``DiffusionModelUNet``, so a MONAI configuration
+dict builds this net unchanged. It is our own implementation on :mod:`medgen.nn` blocks: SDPA
+attention, activation checkpointing as a flag, channels-last friendly and free of graph breaks under
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from medgen.nn.attention import SelfAttention
+from medgen.nn.blocks import ResBlock, zero_module
+from medgen.nn.cross_attention import CrossAttention
+from medgen.nn.embeddings import timestep_embedding
+from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
+from medgen.nn.sampling import Downsample, Upsample
+
+__all__ = ["DiffusionUNet"]
+
+
+def _per_level(value: int | Sequence[int], n: int, name: str) -> list[int]:
+    """Expand an int to ``n`` entries or check that a sequence has ``n`` entries."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a sequence of ints, got {value!r}.")
+    if isinstance(value, int):
+        return [value] * n
+    values = [int(v) for v in value]
+    if len(values) != n:
+        raise ValueError(
+            f"{name} has {len(values)} entries but channels has {n} levels; give one int or one "
+            f"per level."
+        )
+    return values
+
+
+class _UNetBlock(nn.Module):
+    """``ResBlock → [SelfAttention] → [CrossAttention x L]``, run as one checkpointed unit."""
+
+    def __init__(
+        self,
+        res: ResBlock,
+        attn: SelfAttention | None,
+        cross_attn: Sequence[CrossAttention] = (),
+    ) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn
+        self.cross_attn = nn.ModuleList(cross_attn)
+
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        h = self.res(h, emb)
+        if self.attn is not None:
+            h = self.attn(h)
+        for block in self.cross_attn:
+            h = block(h, context)
+        return h
+
+
+class _Resample(nn.Module):
+    """A resolution change, optionally through a time-conditioned ResBlock (``resblock_updown``).
+
+    Down: ``[ResBlock →] Downsample``; up: ``Upsample`` or ``nearest x2 → ResBlock``. The ResBlock
+    variant replaces MONAI's ResBlock with built-in resampling by a ResBlock at the finer
+    resolution plus a parameter-free resampling (average pooling / nearest interpolation).
+    """
+
+    def __init__(self, resample: nn.Module | None, res: ResBlock | None, up: bool) -> None:
+        super().__init__()
+        self.resample = resample
+        self.res = res
+        self.up = up
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        if self.res is None:
+            return self.resample(h)
+        if self.up:
+            return self.res(F.interpolate(h, scale_factor=2.0, mode="nearest"), emb)
+        return self.resample(self.res(h, emb))
+
+
+class DiffusionUNet(nn.Module):
+    """Diffusion UNet ``eps_theta(x_t, t, context, class)`` for 2D images and 3D volumes.
+
+    ``conv_in → encoder → middle → decoder → GroupNorm → SiLU → zero-init conv_out``:
+
+    * time embedding: ``sinusoidal(t, channels[0]) → Linear → SiLU → Linear`` to
+      ``E = 4 * channels[0]``, plus a learned class embedding when ``num_class_embeds`` is set;
+      every ResBlock receives it;
+    * encoder level ``i``: ``num_res_blocks[i]`` x (ResBlock ``[→ SelfAttention]
+      [→ CrossAttention]``), attention where ``attention_levels[i]`` (cross-attention too when
+      ``with_conditioning``), then a stride-2 Downsample (none after the last level);
+    * middle: ``ResBlock → SelfAttention [→ CrossAttention] → ResBlock``;
+    * decoder level ``i`` (widths reversed): ``num_res_blocks[i] + 1`` blocks, each fed the
+      concatenation of the running features and one encoder skip, then an Upsample (none after the
+      last level).
+
+    Arguments are those of MONAI's ``DiffusionModelUNet`` (``transformer_num_layers`` sets the
+    number of cross-attention blocks per attention site). MONAI's ``upcast_attention``,
+    ``include_fc``, ``use_combined_linear`` and ``use_flash_attention`` are accepted and ignored:
+    attention always goes through SDPA, which picks flash / memory-efficient kernels itself.
+    Differences from MONAI: conditioned attention sites are ``SelfAttention → CrossAttention``
+    without MONAI's transformer feed-forward, GroupNorm groups are clipped to divide each width
+    instead of raising, and ``resblock_updown`` resamples around (not inside) a ResBlock.
+
+    Args:
+        spatial_dims: Number of spatial dimensions, 2 or 3.
+        in_channels: Input channels ``C_in``.
+        out_channels: Output channels ``C_out`` (e.g. ``C_in`` for eps / v prediction).
+        channels: Width of each level, from full to lowest resolution.
+        num_res_blocks: Encoder ResBlocks per level (int or one per level); the decoder has one more.
+        attention_levels: Per level, whether to add attention after each ResBlock.
+        num_head_channels: Channels per attention head (int or one per level); each width with
+            attention must be divisible by it.
+        norm_num_groups: GroupNorm groups, clipped to divide every width.
+        norm_eps: GroupNorm epsilon.
+        with_conditioning: Add cross-attention to a context ``(B, M, cross_attention_dim)``.
+        cross_attention_dim: Size of each context token; required iff ``with_conditioning``.
+        num_class_embeds: Number of classes for class conditioning, or ``None``.
+        resblock_updown: Resample through ResBlocks instead of plain (de)convolutions.
+        dropout: Dropout probability inside ResBlocks.
+        gradient_checkpointing: Recompute block activations in the backward pass to save memory (in
+            training mode with grad enabled only). Results are unchanged.
+        transformer_num_layers: Cross-attention blocks per conditioned attention site.
+        dropout_cattn: Dropout probability on the cross-attention output.
+        scale_shift: Inject the time embedding as GroupNorm scale and shift (ADM) instead of by
+            addition (MONAI's default).
+
+    Shapes:
+        ``x``: ``(B, C_in, *spatial)`` with every spatial size divisible by
+        ``2 ** (len(channels) - 1)``; ``timesteps``: ``(B,)`` (or one value for the whole batch);
+        output ``(B, C_out, *spatial)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (32, 64, 64),
+        num_res_blocks: int | Sequence[int] = 1,
+        attention_levels: Sequence[bool] = (False, False, True),
+        num_head_channels: int | Sequence[int] = 8,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-6,
+        with_conditioning: bool = False,
+        cross_attention_dim: int | None = None,
+        num_class_embeds: int | None = None,
+        resblock_updown: bool = False,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        *,
+        transformer_num_layers: int = 1,
+        dropout_cattn: float = 0.0,
+        scale_shift: bool = False,
+        upcast_attention: bool = False,
+        include_fc: bool = True,
+        use_combined_linear: bool = False,
+        use_flash_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}."
+            )
+        channels = [int(c) for c in channels]
+        if len(channels) == 0 or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty list of positive ints, got {channels}.")
+        n = len(channels)
+        attention_levels = [bool(a) for a in attention_levels]
+        if len(attention_levels) != n:
+            raise ValueError(
+                f"attention_levels has {len(attention_levels)} entries but channels has {n} levels."
+            )
+        blocks = _per_level(num_res_blocks, n, "num_res_blocks")
+        if any(b < 1 for b in blocks):
+            raise ValueError(f"num_res_blocks must be >= 1 at every level, got {num_res_blocks}.")
+        heads = _per_level(num_head_channels, n, "num_head_channels")
+        for i in range(n):
+            # The middle block always has attention, at the width of the last level.
+            if (attention_levels[i] or i == n - 1) and (
+                heads[i] < 1 or channels[i] % heads[i] != 0
+            ):
+                raise ValueError(
+                    f"channels[{i}] = {channels[i]} must be divisible by num_head_channels[{i}] = "
+                    f"{heads[i]} (level {i} has attention)."
+                )
+        if with_conditioning and cross_attention_dim is None:
+            raise ValueError(
+                "with_conditioning=True needs cross_attention_dim (the size of each context token)."
+            )
+        if cross_attention_dim is not None and not with_conditioning:
+            raise ValueError("cross_attention_dim is set but with_conditioning=False; set both.")
+        if cross_attention_dim is not None and cross_attention_dim < 1:
+            raise ValueError(f"cross_attention_dim must be positive, got {cross_attention_dim}.")
+        if num_class_embeds is not None and num_class_embeds < 1:
+            raise ValueError(f"num_class_embeds must be positive or None, got {num_class_embeds}.")
+        if transformer_num_layers < 1:
+            raise ValueError(f"transformer_num_layers must be >= 1, got {transformer_num_layers}.")
+        for name, p in (("dropout", dropout), ("dropout_cattn", dropout_cattn)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}.")
+        if norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {norm_eps}.")
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = tuple(channels)
+        self.with_conditioning = bool(with_conditioning)
+        self.num_class_embeds = num_class_embeds
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+
+        conv = conv_nd(spatial_dims)
+        norm = ("group", {"num_groups": norm_num_groups, "eps": norm_eps})
+        emb_dim = 4 * channels[0]
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(
+                spatial_dims,
+                cin,
+                cout,
+                emb_dim,
+                norm=norm,
+                norm_num_groups=norm_num_groups,
+                dropout=dropout,
+                scale_shift=scale_shift,
+            )
+
+        def block(cin: int, cout: int, level: int, with_attn: bool) -> _UNetBlock:
+            attn = None
+            cross: list[CrossAttention] = []
+            if with_attn:
+                attn = SelfAttention(spatial_dims, cout, heads[level], norm_num_groups)
+                attn.norm.eps = norm_eps
+                if self.with_conditioning:
+                    cross = [
+                        CrossAttention(
+                            spatial_dims,
+                            cout,
+                            cross_attention_dim,
+                            heads[level],
+                            norm_num_groups,
+                            norm_eps=norm_eps,
+                            dropout=dropout_cattn,
+                        )
+                        for _ in range(transformer_num_layers)
+                    ]
+            return _UNetBlock(res(cin, cout), attn, cross)
+
+        # Time (and class) embedding.
+        self.time_embed = nn.Sequential(
+            nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.class_embedding = (
+            nn.Embedding(num_class_embeds, emb_dim) if num_class_embeds is not None else None
+        )
+
+        self.conv_in = conv(in_channels, channels[0], 3, padding=1)
+
+        # Encoder; `skip_channels` records the width of every feature map kept for the decoder.
+        skip_channels = [channels[0]]
+        self.down_levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = channels[0]
+        for i, width in enumerate(channels):
+            level = nn.ModuleList()
+            for _ in range(blocks[i]):
+                level.append(block(ch, width, i, attention_levels[i]))
+                ch = width
+                skip_channels.append(ch)
+            self.down_levels.append(level)
+            if i < n - 1:
+                if resblock_updown:
+                    down = _Resample(
+                        Downsample(spatial_dims, ch, mode="avgpool"), res(ch, ch), up=False
+                    )
+                else:
+                    down = _Resample(Downsample(spatial_dims, ch, mode="conv"), None, up=False)
+                self.downsamples.append(down)
+                skip_channels.append(ch)
+
+        # Middle.
+        self.mid_block = block(ch, ch, n - 1, True)
+        self.mid_res = res(ch, ch)
+
+        # Decoder.
+        self.up_levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for j, i in enumerate(reversed(range(n))):
+            level = nn.ModuleList()
+            for _ in range(blocks[i] + 1):
+                level.append(block(ch + skip_channels.pop(), channels[i], i, attention_levels[i]))
+                ch = channels[i]
+            self.up_levels.append(level)
+            if j < n - 1:
+                if resblock_updown:
+                    up = _Resample(None, res(ch, ch), up=True)
+                else:
+                    up = _Resample(Upsample(spatial_dims, ch, mode="nearest_conv"), None, up=True)
+                self.upsamples.append(up)
+        assert not skip_channels, "internal error: unused skip connections"
+
+        self.norm_out = get_norm_layer(norm, spatial_dims, ch)
+        self.act_out = nn.SiLU()
+        self.conv_out = zero_module(conv(ch, out_channels, 3, padding=1))
+
+    @property
+    def downsample_factor(self) -> int:
+        """Factor every spatial size must be divisible by, ``2 ** (len(channels) - 1)``."""
+        return 2 ** (len(self.channels) - 1)
+
+    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        # Recompute activations in the backward pass instead of storing them; only in training
+        # with grad enabled, where a backward pass can follow.
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the network target (noise, velocity or clean sample) for ``x`` at ``timesteps``.
+
+        Args:
+            x: Noisy input of shape ``(B, C_in, *spatial)``.
+            timesteps: Timesteps (or continuous noise levels) of shape ``(B,)``, or one value for
+                the whole batch.
+            context: Context tokens ``(B, M, cross_attention_dim)``; required iff
+                ``with_conditioning``.
+            class_labels: Integer class labels ``(B,)``; required iff ``num_class_embeds`` is set.
+
+        Returns:
+            Output of shape ``(B, C_out, *spatial)``.
+
+        Raises:
+            ValueError: If ``context`` or ``class_labels`` is missing when needed or given when the
+                net was not built for it.
+        """
+        if self.with_conditioning and context is None:
+            raise ValueError("This DiffusionUNet has with_conditioning=True; pass `context`.")
+        if not self.with_conditioning and context is not None:
+            raise ValueError("Got `context` but the net was built with with_conditioning=False.")
+        if self.class_embedding is not None and class_labels is None:
+            raise ValueError(
+                f"This DiffusionUNet has num_class_embeds={self.num_class_embeds}; pass "
+                f"`class_labels`."
+            )
+        if self.class_embedding is None and class_labels is not None:
+            raise ValueError("Got `class_labels` but the net was built with num_class_embeds=None.")
+
+        # (B,) timesteps -> (B, E); one timestep is shared by the whole batch.
+        t = timesteps.reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.channels[0]).to(x.dtype))
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down_levels):
+            for block in level:
+                h = self._run(block, h, emb, context)
+                skips.append(h)
+            if i < len(self.downsamples):
+                h = self._run(self.downsamples[i], h, emb)
+                skips.append(h)
+
+        h = self._run(self.mid_block, h, emb, context)
+        h = self._run(self.mid_res, h, emb)
+
+        for i, level in enumerate(self.up_levels):
+            for block in level:
+                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            if i < len(self.upsamples):
+                h = self._run(self.upsamples[i], h, emb)
+
+        return self.conv_out(self.act_out(self.norm_out(h)))
