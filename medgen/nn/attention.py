@@ -12,6 +12,17 @@ from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
 __all__ = ["SelfAttention"]
 
 
+def num_heads_for(channels: int, num_head_channels: int | None) -> int:
+    """Number of attention heads of ``num_head_channels`` each (one head when ``None``)."""
+    if num_head_channels is None:
+        return 1
+    if num_head_channels < 1 or channels % num_head_channels != 0:
+        raise ValueError(
+            f"channels ({channels}) must be divisible by num_head_channels ({num_head_channels})."
+        )
+    return channels // num_head_channels
+
+
 class SelfAttention(nn.Module):
     """Residual multi-head self-attention over every spatial position (Vaswani et al., 2017).
 
@@ -43,15 +54,7 @@ class SelfAttention(nn.Module):
         spatial_dims = check_spatial_dims(spatial_dims)
         if channels < 1:
             raise ValueError(f"channels must be positive, got {channels}.")
-        if num_head_channels is None:
-            num_heads = 1
-        else:
-            if num_head_channels < 1 or channels % num_head_channels != 0:
-                raise ValueError(
-                    f"channels ({channels}) must be divisible by num_head_channels "
-                    f"({num_head_channels})."
-                )
-            num_heads = channels // num_head_channels
+        num_heads = num_heads_for(channels, num_head_channels)
         self.channels = channels
         self.num_heads = num_heads
         self.head_dim = channels // num_heads

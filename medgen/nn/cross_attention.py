@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from medgen.nn.attention import num_heads_for
 from medgen.nn.blocks import zero_module
 from medgen.nn.factories import check_spatial_dims, get_norm_layer
 
@@ -54,15 +55,7 @@ class CrossAttention(nn.Module):
             raise ValueError(f"context_dim must be a positive int, got {context_dim!r}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        if num_head_channels is None:
-            num_heads = 1
-        else:
-            if num_head_channels < 1 or channels % num_head_channels != 0:
-                raise ValueError(
-                    f"channels ({channels}) must be divisible by num_head_channels "
-                    f"({num_head_channels})."
-                )
-            num_heads = channels // num_head_channels
+        num_heads = num_heads_for(channels, num_head_channels)
         self.channels = channels
         self.context_dim = context_dim
         self.num_heads = num_heads
