@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 from medgen.data.io import (
     IMAGE_SUFFIXES,
     MedgenIOError,
+    files_by_stem,
     image_stem,
     image_suffix,
     list_images,
@@ -1135,26 +1136,13 @@ class PatchDataset(_EpochMixin, _TrainValMixin, Dataset):
 # pairs
 
 
-def _by_stem(files: Sequence[Path], folder: Path) -> dict[str, Path]:
-    table: dict[str, Path] = {}
-    for path in files:
-        stem = image_stem(path)
-        if stem in table:
-            raise MedgenIOError(
-                f"{folder}: two files share the name {stem!r} ({table[stem].name}, {path.name}); "
-                "pairs are matched by file name without suffix"
-            )
-        table[stem] = path
-    return table
-
-
 def _match_folders(
     a_dir: PathLike, b_dir: PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES
 ) -> list[tuple[Path, Path]]:
     """Pairs of files with the same stem in two folders; any unmatched file is an error."""
     a_dir, b_dir = Path(a_dir), Path(b_dir)
-    a = _by_stem(list_images(a_dir, suffixes), a_dir)
-    b = _by_stem(list_images(b_dir, suffixes), b_dir)
+    a = files_by_stem(list_images(a_dir, suffixes), a_dir)
+    b = files_by_stem(list_images(b_dir, suffixes), b_dir)
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_a or only_b:
         parts = []

@@ -43,6 +43,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MedgenIOError",
     "image_stem",
+    "files_by_stem",
     "image_suffix",
     "list_images",
     "read",
@@ -93,6 +94,25 @@ def image_stem(path: str | Path) -> str:
     name = Path(path).name
     suffix = image_suffix(name)
     return name[: len(name) - len(suffix)] if suffix else name
+
+
+def files_by_stem(files: Iterable[Path], folder: str | Path) -> dict[str, Path]:
+    """Map each file's stem (:func:`image_stem`) to its path, refusing two files with one stem.
+
+    Raises:
+        MedgenIOError: naming ``folder`` and both files when two files share a stem (for example
+            ``a.png`` and ``a.nii.gz``), since pairs are matched by file name without suffix.
+    """
+    table: dict[str, Path] = {}
+    for path in files:
+        stem = image_stem(path)
+        if stem in table:
+            raise MedgenIOError(
+                f"{folder}: two files share the name {stem!r} ({table[stem].name}, {path.name}); "
+                "pairs are matched by file name without suffix"
+            )
+        table[stem] = path
+    return table
 
 
 def list_images(

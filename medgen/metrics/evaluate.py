@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from medgen.data.io import MedgenIOError, image_stem, list_images, read
+from medgen.data.io import MedgenIOError, files_by_stem, list_images, read
 from medgen.metrics.fidelity import (
     PixelFeatures,
     RandomConvFeatures,
@@ -31,18 +31,6 @@ __all__ = ["evaluate_folders"]
 
 _RANGE_BY_DTYPE = {"uint8": 255.0, "uint16": 65535.0, "bool": 1.0}
 _EXTRACTORS = ("pixels", "random_conv", "inception_v3", "resnet50")
-
-
-def _stems(files: list[Path], folder: Path) -> dict[str, Path]:
-    by_stem: dict[str, Path] = {}
-    for path in files:
-        stem = image_stem(path)
-        if stem in by_stem:
-            raise MedgenIOError(
-                f"{folder}: two files share the name {stem!r}: {by_stem[stem].name} and {path.name}"
-            )
-        by_stem[stem] = path
-    return by_stem
 
 
 def _load(path: Path) -> tuple[Tensor, str]:
@@ -363,7 +351,7 @@ def evaluate_folders(
     device = torch.device(device)
 
     if mode != "unpaired":
-        real_stems, fake_stems = _stems(real_files, real), _stems(fake_files, fake)
+        real_stems, fake_stems = files_by_stem(real_files, real), files_by_stem(fake_files, fake)
         matched = set(real_stems) == set(fake_stems)
         if mode == "paired" and not matched:
             only_real = sorted(set(real_stems) - set(fake_stems))
