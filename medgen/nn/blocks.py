@@ -13,6 +13,7 @@ from medgen.nn.factories import (
     get_act_layer,
     get_norm_layer,
 )
+from medgen.nn.fused import norm_act
 
 __all__ = ["ConvBlock", "ResBlock", "resolve_norm", "zero_module"]
 
@@ -89,7 +90,7 @@ class ConvBlock(nn.Module):
         Returns:
             Output of shape ``(B, C_out, *spatial)``.
         """
-        return self.conv(self.act(self.norm(x)))
+        return self.conv(norm_act(self.norm, self.act, x))
 
 
 class ResBlock(nn.Module):
@@ -159,7 +160,8 @@ class ResBlock(nn.Module):
 
         self.norm2 = get_norm_layer(norm, spatial_dims, out_channels)
         self.act2 = get_act_layer(act)
-        self.dropout = nn.Dropout(dropout)
+        # nn.Dropout(0) would still draw and store a mask in training; skip it entirely.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_module(conv(out_channels, out_channels, 3, padding=1))
 
         if in_channels != out_channels:
@@ -180,23 +182,23 @@ class ResBlock(nn.Module):
         Raises:
             ValueError: If ``emb`` is given without ``emb_channels`` or missing when it is needed.
         """
-        h = self.conv1(self.act1(self.norm1(x)))
+        h = self.conv1(norm_act(self.norm1, self.act1, x))
         if self.emb_proj is None:
             if emb is not None:
                 raise ValueError("ResBlock was built with emb_channels=None but got an embedding.")
-            h = self.norm2(h)
+            h = norm_act(self.norm2, self.act2, h)
         else:
             if emb is None:
                 raise ValueError(
                     f"ResBlock was built with emb_channels={self.emb_channels}; pass `emb`."
                 )
-            # (B, E') -> (B, E', 1, ..., 1) so that it broadcasts over the spatial dims.
-            e = self.emb_proj(emb.to(h.dtype))
-            e = e.reshape(e.shape + (1,) * self.spatial_dims)
+            e = self.emb_proj(emb.to(h.dtype))  # (B, E')
             if self.scale_shift:
                 scale, shift = e.chunk(2, dim=1)
-                h = self.norm2(h) * (1 + scale) + shift
+                h = norm_act(self.norm2, self.act2, h, scale, shift)
             else:
-                h = self.norm2(h + e)
-        h = self.conv2(self.dropout(self.act2(h)))
+                h = norm_act(
+                    self.norm2, self.act2, h + e.reshape(e.shape + (1,) * self.spatial_dims)
+                )
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -194,3 +195,16 @@ def get_act_layer(act: ActSpec) -> nn.Module:
     if callable(name):
         return name(**kwargs)
     raise ValueError(f"act must be a name, a (name, kwargs) tuple or a callable, got {act!r}.")
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The channels-last format ``x`` is laid out in (and not also contiguous), else the default.
+
+    Used to return outputs in the caller's layout after computing on a channels-first copy.
+    """
+    if x.is_contiguous():
+        return torch.contiguous_format
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
