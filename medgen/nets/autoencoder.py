@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ResBlock
 from medgen.nn.factories import check_spatial_dims, conv_nd, get_act_layer, get_norm_layer
+from medgen.nn.fused import norm_act
 from medgen.nn.sampling import Downsample, Upsample
 
 __all__ = ["Decoder", "Encoder"]
@@ -174,7 +175,7 @@ class Encoder(_CheckpointMixin):
                 h = self.downsamples[i](h)
         for block in self.mid:
             h = self._run(block, h)
-        return self.conv_out(self.act_out(self.norm_out(h)))
+        return self.conv_out(norm_act(self.norm_out, self.act_out, h))
 
 
 class Decoder(_CheckpointMixin):
@@ -286,4 +287,4 @@ class Decoder(_CheckpointMixin):
                 h = self._run(block, h)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(self.act_out(self.norm_out(h)))
+        return self.conv_out(norm_act(self.norm_out, self.act_out, h))

@@ -21,6 +21,7 @@ from medgen.nn.blocks import ResBlock, zero_module
 from medgen.nn.cross_attention import CrossAttention
 from medgen.nn.embeddings import timestep_embedding
 from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
+from medgen.nn.fused import norm_act
 from medgen.nn.sampling import Downsample, Upsample
 
 __all__ = ["DiffusionUNet"]
@@ -386,4 +387,4 @@ class DiffusionUNet(nn.Module):
             if i < len(self.upsamples):
                 h = self._run(self.upsamples[i], h, emb)
 
-        return self.conv_out(self.act_out(self.norm_out(h)))
+        return self.conv_out(norm_act(self.norm_out, self.act_out, h))
