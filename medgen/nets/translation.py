@@ -10,7 +10,11 @@ additions the medical presets need:
 * norms are given by name or ``(name, kwargs)`` through :func:`medgen.nn.factories.get_norm_layer`.
   ``"instance"`` means instance norm *without* affine parameters, as upstream; convolutions carry a
   bias only when the norm that follows has no shift of its own (instance without affine, or none),
-  so ``"batch"`` convs have no bias, as upstream.
+  so ``"batch"`` convs have no bias, as upstream;
+* every net takes ``gradient_checkpointing`` (also settable after construction): in training with
+  grad enabled, each stage (a residual block, a down or up stage, a discriminator conv stage) is
+  recomputed in the backward pass instead of keeping its activations. Outputs, gradients and the
+  running statistics of batch norm are the same as without it (see :func:`_checkpoint_stage`).
 
 Presets: ``resnet_9blocks`` = ``ResnetGenerator(n_blocks=9)``, ``resnet_6blocks`` = ``n_blocks=6``,
 ``unet_256`` = ``UnetGenerator(num_downs=8)``, ``unet_128`` = ``num_downs=7``, ``basic`` =
@@ -19,10 +23,15 @@ Presets: ``resnet_9blocks`` = ``ResnetGenerator(n_blocks=9)``, ``resnet_6blocks`
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from medgen.nn.factories import (
     NormSpec,
@@ -91,6 +100,107 @@ def _padding_mode(padding_type: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# activation checkpointing
+# --------------------------------------------------------------------------------------------------
+def _tracked_stat_buffers(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """Running-statistics buffers that norm layers in ``modules`` update in training mode."""
+    buffers: list[Tensor] = []
+    for top in modules:
+        for m in top.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                stats = (m.running_mean, m.running_var, m.num_batches_tracked)
+                buffers += [b for b in stats if b is not None]
+    return buffers
+
+
+class _RestoreRunningStats:
+    """Context manager that undoes running-statistics updates made inside it.
+
+    Entered around the recomputation of a checkpointed stage: the recomputed forward runs batch /
+    instance norm in training mode again, which would apply the momentum update (and
+    ``num_batches_tracked += 1``) a second time. The buffers are copied on entry and written back
+    on exit, so they end exactly as after the original forward pass.
+    """
+
+    def __init__(self, buffers: list[Tensor]) -> None:
+        self.buffers = buffers
+        self.saved: list[Tensor] = []
+
+    def __enter__(self) -> None:
+        self.saved = [b.clone() for b in self.buffers]
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self.buffers, self.saved, strict=True):
+                buffer.copy_(saved)
+        self.saved = []
+
+
+def _recompute_contexts(buffers: list[Tensor]) -> tuple[Any, Any]:
+    return contextlib.nullcontext(), _RestoreRunningStats(buffers)
+
+
+def _apply_layers(layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
+    for i in range(start, stop):
+        h = layers[i](h)
+    return h
+
+
+def _checkpoint_stage(layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
+    """Run ``layers[start:stop]`` on ``h`` under non-reentrant activation checkpointing.
+
+    Batch norm (and instance norm with ``track_running_stats``) recomputed in the backward pass
+    would update its running statistics twice. Eagerly, the recomputation is wrapped in
+    :class:`_RestoreRunningStats`. Under ``torch.compile`` the checkpointed region is recomputed
+    functionally by AOTAutograd (backends ``aot_eager``, ``inductor``), where buffer updates are
+    applied once by construction, so no context is needed (dynamo accepts only selective-
+    checkpointing contexts). The debugging ``eager`` backend replays the region through eager
+    checkpointing with the buffers as saved inputs, so its backward fails for batch-norm stages.
+    """
+    fn = functools.partial(_apply_layers, layers, start, stop)
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, h, use_reentrant=False)
+    buffers = _tracked_stat_buffers([layers[i] for i in range(start, stop)])
+    if not buffers:
+        return checkpoint(fn, h, use_reentrant=False)
+    context_fn = functools.partial(_recompute_contexts, buffers)
+    return checkpoint(fn, h, use_reentrant=False, context_fn=context_fn)
+
+
+class _StagedCheckpointMixin(nn.Module):
+    """Runs contiguous slices ("stages") of an ``nn.Sequential``, checkpointed when asked.
+
+    Stages are index ranges, so the ``state_dict`` keys are those of the flat ``nn.Sequential``.
+    """
+
+    gradient_checkpointing: bool
+
+    def _run_stage(self, layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
+        # Only worthwhile (and only done) in training with grad enabled, where a backward follows.
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return _checkpoint_stage(layers, start, stop, h)
+        return _apply_layers(layers, start, stop, h)
+
+    def _run_stages(
+        self, layers: nn.Sequential, stages: Sequence[tuple[int, int]], h: Tensor
+    ) -> Tensor:
+        for start, stop in stages:
+            h = self._run_stage(layers, start, stop, h)
+        return h
+
+
+def _stages_from_starts(starts: Sequence[int], length: int) -> tuple[tuple[int, int], ...]:
+    """``[(s0, s1), (s1, s2), ..., (s_last, length)]`` from the start index of every stage."""
+    bounds = [*starts, length]
+    return tuple((bounds[i], bounds[i + 1]) for i in range(len(starts)))
+
+
+# --------------------------------------------------------------------------------------------------
 # ResNet generator
 # --------------------------------------------------------------------------------------------------
 class ResnetBlock(nn.Module):
@@ -135,7 +245,7 @@ class ResnetBlock(nn.Module):
         return x + self.block(x)
 
 
-class ResnetGenerator(nn.Module):
+class ResnetGenerator(_StagedCheckpointMixin):
     """ResNet generator of CycleGAN/pix2pix (``resnet_9blocks``, ``resnet_6blocks``), 2D or 3D.
 
     Layout: padded 7-conv to ``ngf``; two stride-2 3-convs (``ngf -> 2 ngf -> 4 ngf``); ``n_blocks``
@@ -158,6 +268,11 @@ class ResnetGenerator(nn.Module):
         global_residual: Add the input to the output before the final activation (COMI). Needs
             ``in_channels == out_channels``.
         final_act: ``"tanh"`` (default), ``None`` or any :func:`get_act_layer` spec.
+        gradient_checkpointing: Recompute activations in the backward pass instead of storing
+            them (in training mode with grad enabled only), stage by stage: the 7-conv stem, each
+            downsampling, each residual block and each upsampling. Outputs, gradients and batch
+            norm running statistics are unchanged. Can be toggled later through the attribute of
+            the same name.
 
     Input ``(B, in_channels, *spatial)`` with each spatial size divisible by 4; output
     ``(B, out_channels, *spatial)``.
@@ -176,6 +291,7 @@ class ResnetGenerator(nn.Module):
         upsample: str = "transpose",
         global_residual: bool = False,
         final_act: Any = "tanh",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -190,6 +306,7 @@ class ResnetGenerator(nn.Module):
             )
         self.spatial_dims = spatial_dims
         self.global_residual = bool(global_residual)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         conv = conv_nd(spatial_dims)
         mode = _padding_mode(padding_type)
         bias = _conv_bias(norm, spatial_dims)
@@ -199,8 +316,11 @@ class ResnetGenerator(nn.Module):
             _norm(norm, spatial_dims, ngf),
             nn.ReLU(inplace=True),
         ]
+        # Start index in `body` of each checkpointing stage: stem, downs, residual blocks, ups.
+        starts = [0]
         ch = ngf
         for _ in range(2):
+            starts.append(len(layers))
             layers += [
                 conv(ch, ch * 2, 3, stride=2, padding=1, bias=bias),
                 _norm(norm, spatial_dims, ch * 2),
@@ -208,8 +328,10 @@ class ResnetGenerator(nn.Module):
             ]
             ch *= 2
         for _ in range(n_blocks):
+            starts.append(len(layers))
             layers.append(ResnetBlock(spatial_dims, ch, norm, use_dropout, padding_type, bias))
         for _ in range(2):
+            starts.append(len(layers))
             if upsample == "transpose":
                 up: list[nn.Module] = [
                     conv_transpose_nd(spatial_dims)(
@@ -224,12 +346,13 @@ class ResnetGenerator(nn.Module):
             layers += [*up, _norm(norm, spatial_dims, ch // 2), nn.ReLU(inplace=True)]
             ch //= 2
         self.body = nn.Sequential(*layers)
+        self._stages = _stages_from_starts(starts, len(layers))
         self.head = conv(ch, out_channels, 7, padding=3, padding_mode=mode)
         self.final_act = get_act_layer(final_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Translate ``(B, in_channels, *spatial)`` to ``(B, out_channels, *spatial)``."""
-        out = self.head(self.body(x))
+        out = self.head(self._run_stages(self.body, self._stages, x))
         if self.global_residual:
             out = out + x
         return self.final_act(out)
@@ -238,13 +361,17 @@ class ResnetGenerator(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # UNet generator
 # --------------------------------------------------------------------------------------------------
-class UnetSkipBlock(nn.Module):
+class UnetSkipBlock(_StagedCheckpointMixin):
     """One level of the recursive pix2pix UNet: ``down -> submodule -> up``, concatenated with input.
 
     Down: LeakyReLU(0.2), stride-2 4-conv, norm (the outermost level has no activation or norm before
     its conv; the innermost has no norm after it). Up: ReLU, stride-2 4-transposed-conv, norm and
     optional dropout 0.5 (the outermost level ends with ``final_act`` instead of a norm). Inner levels
     return ``cat([LeakyReLU(x), up(...)], dim=1)``: upstream's in-place activation reaches the skip.
+
+    With ``gradient_checkpointing``, this level checkpoints its own down layers and its own up layers
+    (after the leading in-place ReLU, which must not modify a checkpoint input) as two separate
+    stages; the inner levels checkpoint theirs, so the whole recursion is never one checkpoint.
 
     Args:
         spatial_dims: 2 or 3.
@@ -256,6 +383,8 @@ class UnetSkipBlock(nn.Module):
         norm: Normalisation spec.
         use_dropout: Dropout 0.5 after the up norm.
         final_act: Activation of the outermost level.
+        gradient_checkpointing: Checkpoint this level's down and up stages (in training mode with
+            grad enabled only).
     """
 
     def __init__(
@@ -269,9 +398,11 @@ class UnetSkipBlock(nn.Module):
         norm: NormSpec = "batch",
         use_dropout: bool = False,
         final_act: Any = "tanh",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.outermost = outermost
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         innermost = submodule is None
         in_channels = outer_channels if in_channels is None else in_channels
         bias = _conv_bias(norm, spatial_dims)
@@ -301,11 +432,22 @@ class UnetSkipBlock(nn.Module):
                 up.append(nn.Dropout(0.5))
         mid = [] if submodule is None else [submodule]
         self.model = nn.Sequential(*down, *mid, *up)
+        # Index ranges in `model` (one flat Sequential, as upstream, for the state_dict keys):
+        # down layers, the submodule (if any), the leading up ReLU, the remaining up layers.
+        self._down = (0, len(down))
+        self._sub = len(down) if mid else None
+        self._up_act = len(down) + len(mid)
+        self._up = (self._up_act + 1, len(self.model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the level; inner levels concatenate their (activated) input as the skip connection."""
         h = self.act_in(x)
-        out = self.model(h)
+        out = self._run_stage(self.model, *self._down, h)
+        if self._sub is not None:
+            out = self.model[self._sub](out)
+        # The in-place ReLU stays outside the checkpoint: checkpoint inputs must not be modified.
+        out = self.model[self._up_act](out)
+        out = self._run_stage(self.model, *self._up, out)
         if self.outermost:
             return out
         return torch.cat([h, out], 1)
@@ -328,6 +470,11 @@ class UnetGenerator(nn.Module):
         norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
         use_dropout: Dropout 0.5 in the middle ``8 ngf`` up blocks.
         final_act: ``"tanh"`` (default), ``None`` or any :func:`get_act_layer` spec.
+        gradient_checkpointing: Recompute activations in the backward pass instead of storing
+            them (in training mode with grad enabled only): every level checkpoints its own down
+            and up layers (not the recursion below it, so memory really drops). Outputs, gradients
+            and batch norm running statistics are unchanged. Can be toggled later through the
+            attribute of the same name, which sets it on every :class:`UnetSkipBlock`.
 
     Input ``(B, in_channels, *spatial)`` with each spatial size divisible by ``2**num_downs``; output
     ``(B, out_channels, *spatial)``.
@@ -343,6 +490,7 @@ class UnetGenerator(nn.Module):
         norm: NormSpec = "batch",
         use_dropout: bool = False,
         final_act: Any = "tanh",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -374,6 +522,18 @@ class UnetGenerator(nn.Module):
             norm=norm,
             final_act=final_act,
         )
+        self.gradient_checkpointing = gradient_checkpointing
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether every level checkpoints its down and up stages in training."""
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, UnetSkipBlock):
+                m.gradient_checkpointing = bool(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Translate ``(B, in_channels, *spatial)`` to ``(B, out_channels, *spatial)``."""
@@ -411,7 +571,7 @@ def receptive_field(n_layers: int = 3) -> int:
     return r
 
 
-class NLayerDiscriminator(nn.Module):
+class NLayerDiscriminator(_StagedCheckpointMixin):
     """PatchGAN discriminator (``basic`` = ``n_layers=3``, the 70x70 PatchGAN), 2D or 3D.
 
     Convs of kernel 4, padding 1: ``in -> ndf`` (stride 2, no norm), then ``n_layers - 1`` stride-2
@@ -424,6 +584,10 @@ class NLayerDiscriminator(nn.Module):
         ndf: Width of the first layer.
         n_layers: Number of stride-2 convolutions.
         norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+        gradient_checkpointing: Recompute activations in the backward pass instead of storing
+            them (in training mode with grad enabled only), one conv stage (conv, norm, LeakyReLU)
+            at a time. Outputs, gradients and batch norm running statistics are unchanged. Can be
+            toggled later through the attribute of the same name.
 
     Input ``(B, in_channels, *spatial)``; output ``(B, 1, *patches)`` of raw logits.
     """
@@ -435,18 +599,22 @@ class NLayerDiscriminator(nn.Module):
         ndf: int = 64,
         n_layers: int = 3,
         norm: NormSpec = "batch",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         conv = conv_nd(spatial_dims)
         bias = _conv_bias(norm, spatial_dims)
         specs = patchgan_layers(n_layers)
         layers: list[nn.Module] = []
+        starts: list[int] = []  # one checkpointing stage per conv
         ch_in = in_channels
         for i, (kernel, stride) in enumerate(specs):
             last = i == len(specs) - 1
             ch_out = 1 if last else ndf * min(2**i, 8)
             first = i == 0
+            starts.append(len(layers))
             layers.append(
                 conv(ch_in, ch_out, kernel, stride=stride, padding=1, bias=first or last or bias)
             )
@@ -456,6 +624,7 @@ class NLayerDiscriminator(nn.Module):
                 layers.append(nn.LeakyReLU(0.2, inplace=True))
             ch_in = ch_out
         self.model = nn.Sequential(*layers)
+        self._stages = _stages_from_starts(starts, len(layers))
         self.n_layers = n_layers
 
     @property
@@ -465,10 +634,10 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, in_channels, *spatial)`` to patch logits ``(B, 1, *patches)``."""
-        return self.model(x)
+        return self._run_stages(self.model, self._stages, x)
 
 
-class PixelDiscriminator(nn.Module):
+class PixelDiscriminator(_StagedCheckpointMixin):
     """1x1 PatchGAN (``pixel``): classifies each pixel/voxel independently, 2D or 3D.
 
     ``in -> ndf -> 2 ndf -> 1`` with 1x1 convs, LeakyReLU(0.2) and a norm after the second conv.
@@ -479,15 +648,25 @@ class PixelDiscriminator(nn.Module):
         in_channels: Input channels.
         ndf: Width of the first layer.
         norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+        gradient_checkpointing: Recompute activations in the backward pass instead of storing
+            them (in training mode with grad enabled only), one conv stage at a time. Outputs,
+            gradients and batch norm running statistics are unchanged. Can be toggled later
+            through the attribute of the same name.
 
     Input ``(B, in_channels, *spatial)``; output ``(B, 1, *spatial)`` of raw logits.
     """
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, ndf: int = 64, norm: NormSpec = "batch"
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        ndf: int = 64,
+        norm: NormSpec = "batch",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         conv = conv_nd(spatial_dims)
         bias = _conv_bias(norm, spatial_dims)
         self.model = nn.Sequential(
@@ -498,10 +677,12 @@ class PixelDiscriminator(nn.Module):
             nn.LeakyReLU(0.2, inplace=True),
             conv(ndf * 2, 1, 1, bias=bias),
         )
+        # Checkpointing stages: conv-act, conv-norm-act, conv.
+        self._stages = ((0, 2), (2, 5), (5, 6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, in_channels, *spatial)`` to per-pixel logits ``(B, 1, *spatial)``."""
-        return self.model(x)
+        return self._run_stages(self.model, self._stages, x)
 
 
 # --------------------------------------------------------------------------------------------------
