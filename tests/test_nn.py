@@ -307,7 +307,7 @@ def test_convblock(spatial_dims):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("mode", ["conv", "avgpool"])
+@pytest.mark.parametrize("mode", ["conv", "avgpool", "fir"])
 @pytest.mark.parametrize("cout", [None, 16])
 def test_downsample_shape(spatial_dims, mode, cout):
     block = Downsample(spatial_dims, 8, cout, mode=mode)
@@ -334,15 +334,37 @@ def test_downsample_conv_config():
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("mode", ["nearest_conv", "transpose"])
+@pytest.mark.parametrize("mode", ["nearest_conv", "transpose", "fir"])
 @pytest.mark.parametrize("cout", [None, 4])
 def test_upsample_shape(spatial_dims, mode, cout):
     block = Upsample(spatial_dims, 8, cout, mode=mode)
     y = block(_input(spatial_dims, 8))
     double = tuple(s * 2 for s in SPATIAL[spatial_dims])
     assert y.shape == (2, cout or 8, *double)
-    conv_cls = conv_nd(spatial_dims) if mode == "nearest_conv" else conv_transpose_nd(spatial_dims)
+    conv_cls = conv_transpose_nd(spatial_dims) if mode == "transpose" else conv_nd(spatial_dims)
     assert type(block.conv) is conv_cls
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_fir_sampling_parameters_and_constants(spatial_dims):
+    # The FIR filters carry no parameters: each mode has exactly one 3x3 conv's worth.
+    down = Downsample(spatial_dims, 8, 4, mode="fir")
+    up = Upsample(spatial_dims, 8, 4, mode="fir")
+    expected = 8 * 4 * 3**spatial_dims + 4
+    assert sum(p.numel() for p in down.parameters()) == expected
+    assert sum(p.numel() for p in up.parameters()) == expected
+    # With a centred delta kernel the conv is the identity, so a constant stays constant in the
+    # interior after anti-aliased down- and up-sampling (unit DC gain).
+    x = torch.full((1, 1, *(8,) * spatial_dims), 3.0)
+    for block in (Downsample(spatial_dims, 1, mode="fir"), Upsample(spatial_dims, 1, mode="fir")):
+        conv = block.op[1] if isinstance(block, Downsample) else block.conv
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[(0, 0) + (1,) * spatial_dims] = 1.0
+            conv.bias.zero_()
+        y = block(x)
+        inner = y[(0, 0) + (slice(2, -2),) * spatial_dims]
+        torch.testing.assert_close(inner, torch.full_like(inner, 3.0))
 
 
 def test_upsample_nearest_repeats_pixels():

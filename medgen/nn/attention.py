@@ -27,10 +27,11 @@ class SelfAttention(nn.Module):
     """Residual multi-head self-attention over every spatial position (Vaswani et al., 2017).
 
     ``x + proj_out(attention(qkv(norm(x))))`` where the ``N = prod(spatial)`` positions are the
-    tokens, ``qkv`` is a 1x1 convolution and ``attention`` is
-    ``softmax(Q K^T / sqrt(d)) V`` per head, computed with
-    :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on a
-    GPU). ``proj_out`` is zero-initialised, so a new block is the identity.
+    tokens, ``qkv`` is a 1x1 convolution (applied as a linear layer on the tokens) and ``attention``
+    is ``softmax(Q K^T / sqrt(d)) V`` per head, computed with
+    :func:`torch.nn.functional.scaled_dot_product_attention` on head-contiguous ``(B, h, N, d)``
+    tensors, so its fused flash kernels run on CPU and GPU. ``proj_out`` is zero-initialised, so a
+    new block is the identity.
 
     Args:
         spatial_dims: Number of spatial dimensions, 2 or 3.
@@ -75,11 +76,14 @@ class SelfAttention(nn.Module):
         Returns:
             ``x`` plus the attention output, shape ``(B, C, *spatial)``.
         """
-        qkv = self.qkv(self.norm(x))
-        # (B, 3 * heads * d, *spatial) -> 3 x (B, heads, N, d)
+        # Work on tokens (B, N, C) so that q, k and v are contiguous in the head dimension, which
+        # the fused (flash) SDPA kernels need; the 1x1 convolutions become linear layers with the
+        # same weights (a view), so checkpoints are unchanged.
+        tokens = rearrange(self.norm(x), "b c ... -> b (...) c")
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
         q, k, v = rearrange(
-            qkv, "b (three h d) ... -> three b h (...) d", three=3, h=self.num_heads
+            qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         ).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = rearrange(out, "b h n d -> b (h d) n").reshape(x.shape)
-        return x + self.proj_out(out)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(x.shape)

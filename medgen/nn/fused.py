@@ -84,6 +84,56 @@ def _bcast(v: Tensor | None, x: Tensor) -> Tensor | None:
     return v.to(x.dtype).reshape(v.shape + (1,) * (x.dim() - 2))
 
 
+def _per_channel(stat: Tensor, channels: int) -> Tensor:
+    """``(B, G)`` group statistics → ``(B, C)``, each group's value repeated for its channels."""
+    return stat.repeat_interleave(channels // stat.shape[1], dim=1)
+
+
+def _spatial(v: Tensor, x: Tensor) -> Tensor:
+    """``(B, C)`` → ``(B, C, 1, ..., 1)`` to broadcast over the spatial dims of ``x``."""
+    return v.reshape(v.shape + (1,) * (x.dim() - 2))
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum over spatial of a * b`` per ``(B, C)``, in float32 or wider."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    if a.is_contiguous() and b.is_contiguous():
+        bc = a.shape[0] * a.shape[1]
+        return torch.bmm(a.reshape(bc, 1, -1).to(acc), b.reshape(bc, -1, 1).to(acc)).reshape(
+            a.shape[:2]
+        )
+    return (a * b).sum(tuple(range(2, a.dim())), dtype=acc)
+
+
+def _affine_coefficients(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-``(B, C)`` coefficients, in float32 or wider, so that the op is affine in ``x``.
+
+    With ``a = rstd * w`` and ``c = b - mean * a``, the norm is ``y = a x + c``, and with
+    ``k = 1 + scale`` the pre-activation is ``z = (a k) x + (c k + shift)``.
+
+    Returns:
+        ``(mean_c, rstd_c, a, c, k, ...)`` as ``(mean_c, rstd_c, a, c, k, shift)`` per channel.
+    """
+    b, ch = x.shape[:2]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    mean_c = _per_channel(mean.to(acc), ch)
+    rstd_c = _per_channel(rstd.to(acc), ch)
+    w = torch.ones(ch, dtype=acc, device=x.device) if weight is None else weight.to(acc)
+    a = rstd_c * w
+    c = -mean_c * a if bias is None else bias.to(acc) - mean_c * a
+    k = torch.ones(b, ch, dtype=acc, device=x.device) if scale is None else 1 + scale.to(acc)
+    sh = torch.zeros(b, ch, dtype=acc, device=x.device) if shift is None else shift.to(acc)
+    return mean_c, rstd_c, a, c, k.reshape(b, ch), sh.reshape(b, ch)
+
+
 def _reference_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -94,16 +144,17 @@ def _reference_forward(
     eps: float,
     act: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    b, c = x.shape[:2]
+    b, ch = x.shape[:2]
     w = None if weight is None else weight.to(x.dtype)
     bi = None if bias is None else bias.to(x.dtype)
+    # ATen's CPU kernel handles channels-last input directly; only the statistics are kept.
     out, mean, rstd = torch.ops.aten.native_group_norm(
-        x, w, bi, b, c, x.numel() // max(b * c, 1), num_groups, eps
+        x, w, bi, b, ch, x.numel() // max(b * ch, 1), num_groups, eps
     )
     if scale is not None:
-        out.mul_(1 + _bcast(scale, x))
+        out.mul_(_spatial(1 + scale.to(x.dtype).reshape(b, ch), x))
     if shift is not None:
-        out.add_(_bcast(shift, x))
+        out.add_(_spatial(shift.to(x.dtype).reshape(b, ch), x))
     if act == "silu":
         out = F.silu(out, inplace=True)
     return out, mean, rstd
@@ -122,42 +173,49 @@ def _reference_backward(
     act: str,
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
-    b, c = x.shape[:2]
-    s = x.numel() // max(b * c, 1)
-    g = num_groups
-    reduce_dims = tuple(range(2, x.dim()))
-    w = None if weight is None else weight.to(x.dtype)
-    need_y = act == "silu" or (scale is not None and needs[3])
-    y = None
-    if need_y:
-        # Recompute y = GN(x) (with affine) from the saved statistics.
-        xg = x.reshape(b, g, -1)
-        y = ((xg - mean.to(x.dtype)[..., None]) * rstd.to(x.dtype)[..., None]).reshape(x.shape)
-        if w is not None:
-            y.mul_(_bcast(w, y))
-        if bias is not None:
-            y.add_(_bcast(bias.to(x.dtype), y))
+    """Gradients from ``x`` and the statistics alone, in a few layout-agnostic passes.
+
+    The op is affine in ``x`` per ``(b, c)`` up to the activation, so everything reduces to two
+    per-channel sums of ``g = dL/dz``: ``S1 = sum g`` and ``S2 = sum g x`` (Wu & He 2018, eq. 1
+    differentiated). Full-size passes: ``z`` (one), ``silu'`` (one), ``S1``/``S2`` (two) and
+    ``dx = P g + Q x + R`` (two); nothing is copied between memory formats.
+    """
+    b, ch = x.shape[:2]
+    spatial = tuple(range(2, x.dim()))
+    n = x.numel() // max(b * ch, 1) * (ch // num_groups)  # elements per group
+    mean_c, rstd_c, a, c, k, sh = _affine_coefficients(x, weight, bias, scale, shift, mean, rstd)
     if act == "silu":
-        z = y if scale is None and shift is None else y.clone()
-        if scale is not None:
-            z.mul_(1 + _bcast(scale, x))
-        if shift is not None:
-            z.add_(_bcast(shift, x))
-        sig = torch.sigmoid(z)
-        # d silu(z) / dz = sig * (1 + z * (1 - sig))
-        grad = grad * (sig * (1 + z * (1 - sig)))
-        del z, sig
-    dshift = grad.sum(reduce_dims) if shift is not None and needs[4] else None
-    dscale = (grad * y).sum(reduce_dims) if scale is not None and needs[3] else None
-    del y
-    gy = grad * (1 + _bcast(scale, x)) if scale is not None else grad
-    mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
-    if any(mask):
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            gy.contiguous(), x, mean, rstd, w, b, c, s, num_groups, mask
+        z = torch.addcmul(
+            _spatial((c * k + sh).to(x.dtype), x), x, _spatial((a * k).to(x.dtype), x)
         )
+        g = torch.ops.aten.silu_backward(grad, z)
+        del z
     else:
-        dx = dw = db = None
+        g = grad
+    acc = a.dtype
+    s1 = g.sum(spatial, dtype=acc)
+    s2 = _channel_dot(g, x)
+    # sum over spatial of g * xhat, with xhat = (x - mean) * rstd.
+    s_xhat = rstd_c * (s2 - mean_c * s1)
+    dshift = s1 if shift is not None else None
+    # dz/dscale = y = xhat * w + bias.
+    w = torch.ones(ch, dtype=acc, device=x.device) if weight is None else weight.to(acc)
+    dscale = s_xhat * w + (0 if bias is None else bias.to(acc)) * s1 if scale is not None else None
+    dw = (k * s_xhat).sum(0) if weight is not None and needs[1] else None
+    db = (k * s1).sum(0) if bias is not None and needs[2] else None
+    dx = None
+    if needs[0]:
+        # dxhat = g * k * w; per group: m1 = mean(dxhat), m2 = mean(dxhat * xhat).
+        kw = k * w
+        m1 = (kw * s1).reshape(b, num_groups, -1).sum(-1) / n
+        m2 = (kw * s_xhat).reshape(b, num_groups, -1).sum(-1) / n
+        m1, m2 = _per_channel(m1, ch), _per_channel(m2, ch)
+        # dx = rstd * (dxhat - m1 - xhat * m2) = P g + Q x + R.
+        p_ = rstd_c * kw
+        q_ = -rstd_c * rstd_c * m2
+        r_ = rstd_c * (rstd_c * m2 * mean_c - m1)
+        dx = torch.addcmul(_spatial(r_.to(x.dtype), x), g, _spatial(p_.to(x.dtype), x))
+        dx.addcmul_(x, _spatial(q_.to(x.dtype), x))
     return dx, dw, db, dscale, dshift
 
 
@@ -175,16 +233,15 @@ class _GroupNormActFunction(torch.autograd.Function):
         act: str,
     ) -> Tensor:
         fmt = memory_format_of(x)
-        xc = x.contiguous()
         if fused_backend(x) == "triton":
             from medgen.nn import triton_groupnorm
 
             out, mean, rstd = triton_groupnorm.group_norm_act_forward(
-                xc, weight, bias, scale, shift, num_groups, eps, act
+                x.contiguous(), weight, bias, scale, shift, num_groups, eps, act
             )
         else:
             out, mean, rstd = _reference_forward(
-                xc, weight, bias, scale, shift, num_groups, eps, act
+                x, weight, bias, scale, shift, num_groups, eps, act
             )
         # Keep the caller's tensor (not the channels-first copy) so no extra memory is held.
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
@@ -196,18 +253,19 @@ class _GroupNormActFunction(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         fmt = memory_format_of(x)
-        xc = x.contiguous()
-        gc = grad.contiguous()
         if fused_backend(x) == "triton":
             from medgen.nn import triton_groupnorm
 
             dx, dw, db, dscale, dshift = triton_groupnorm.group_norm_act_backward(
-                gc, xc, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act
-            )
+                grad.contiguous(), x.contiguous(), weight, bias, scale, shift, mean, rstd,
+                ctx.num_groups, ctx.act,
+            )  # fmt: skip
         else:
+            # The reference passes are elementwise with per-channel coefficients, so they run in
+            # the caller's memory format; the gradient is brought to x's layout first.
             dx, dw, db, dscale, dshift = _reference_backward(
-                gc, xc, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act,
-                ctx.needs_input_grad[:5],
+                grad.contiguous(memory_format=fmt), x, weight, bias, scale, shift, mean, rstd,
+                ctx.num_groups, ctx.act, ctx.needs_input_grad[:5],
             )  # fmt: skip
         if dx is not None:
             dx = dx.contiguous(memory_format=fmt)
