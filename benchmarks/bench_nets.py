@@ -13,7 +13,12 @@ built with the same configuration and seed, then measured in one process:
     it returns (a ``TorchDispatchMode`` keeps weak references), i.e. the activation memory
     actually held until backward. This one also counts what activation checkpointing keeps (block
     inputs), which the hooks cannot see, so it is the measure used for checkpointing on;
-  - on CUDA also ``peak``: ``torch.cuda.max_memory_allocated`` over the step, minus the memory
+  - ``peak``: the highest total of those live storages at any point of the forward *and*
+    backward pass (a running sum kept by weak-reference finalisers), i.e. the CPU counterpart of
+    ``max_memory_allocated``. This is the fair measure for checkpointing: MONAI's
+    ``AutoencoderKL(use_checkpoint=True)`` checkpoints the whole encoder and decoder, so it keeps
+    almost nothing after the forward pass but recomputes a whole half of the net in backward;
+  - on CUDA also ``cuda_peak``: ``torch.cuda.max_memory_allocated`` over the step, minus the memory
     held before it;
 * **parameters** of both nets.
 
@@ -130,6 +135,42 @@ class _Retained(TorchDispatchMode):
         return sum(n for ref, n in self.refs.values() if ref() is not None)
 
 
+class _Peak(TorchDispatchMode):
+    """Running total of bytes in storages created by ops (freed ones subtracted), and its peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                key = id(s)
+                if key not in self.seen and s.nbytes() > 0:
+                    self.seen.add(key)
+                    self.live += s.nbytes()
+                    weakref.finalize(s, self._free, key, s.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_bytes(forward: Callable[[], Tensor], net: nn.Module) -> int:
+    """Highest live bytes created by ops during ``forward()`` and its backward pass."""
+    net.zero_grad(set_to_none=True)
+    mode = _Peak()
+    with mode:
+        forward().backward()
+    return mode.peak
+
+
 def saved_bytes(forward: Callable[[], Tensor]) -> int:
     """Bytes of distinct storages saved for backward by ``forward()`` (then runs backward)."""
     storages: dict[int, int] = {}
@@ -218,6 +259,7 @@ def run_case(name: str, args: argparse.Namespace, checkpointing: bool) -> dict:
     # Memory is measured eagerly (dispatch modes and hooks do not mix with compiled graphs).
     f_ours, f_ref = step_fn(family, ours, x_ours, autocast), step_fn(family, ref, x_ref, autocast)
     mem = {
+        "peak_bytes": {"ours": peak_bytes(f_ours, ours), "monai": peak_bytes(f_ref, ref)},
         "retained_bytes": {"ours": retained_bytes(f_ours), "monai": retained_bytes(f_ref)},
     }
     if not checkpointing:
@@ -245,6 +287,9 @@ def run_case(name: str, args: argparse.Namespace, checkpointing: bool) -> dict:
         else:
             t_ref.append(timed_step(f_ref, ref, device))
             t_ours.append(timed_step(f_ours, ours, device))
+    if not t_ours:
+        result["time_s"] = {"ours": float("nan"), "monai": float("nan"), "ratio": float("nan")}
+        return result
     result["time_s"] = {
         "ours": statistics.median(t_ours),
         "monai": statistics.median(t_ref),
@@ -258,15 +303,40 @@ def run_case(name: str, args: argparse.Namespace, checkpointing: bool) -> dict:
 
 
 def _fmt(r: dict) -> str:
-    mem = r["memory"]["retained_bytes"]
+    mem = r["memory"]["peak_bytes"]
     saved = r["memory"].get("saved_bytes")
     return (
         f"{r['case']:<11} ckpt={'on ' if r['checkpointing'] else 'off'} "
         f"time {r['time_s']['ours']:.3f}s / {r['time_s']['monai']:.3f}s = "
-        f"{r['time_s']['ratio']:.2f}  retained {mem['ours'] / 2**20:.0f} / "
+        f"{r['time_s']['ratio']:.2f}  peak {mem['ours'] / 2**20:.0f} / "
         f"{mem['monai'] / 2**20:.0f} MiB = {mem['ratio']:.2f}"
         + (f"  saved ratio {saved['ratio']:.2f}" if saved else "")
     )
+
+
+def markdown_table(record: dict) -> str:
+    """A markdown table of one results file (the rows of ``docs/performance.md``)."""
+    mib = 2**20
+    lines = [
+        "| case | ckpt | layout (ours) | params ours / MONAI | step s ours / MONAI | time ratio "
+        "| saved MiB ours / MONAI | saved ratio | peak MiB ours / MONAI | peak ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in record["results"]:
+        t, ret = r["time_s"], r["memory"]["peak_bytes"]
+        sv = r["memory"].get("saved_bytes")
+        saved = f"{sv['ours'] / mib:.0f} / {sv['monai'] / mib:.0f}" if sv else "—"
+        saved_ratio = f"{sv['ratio']:.2f}" if sv else "—"
+        ckpt = "on" if r["checkpointing"] else "off"
+        if r["checkpointing"] and not r["monai_has_checkpointing"]:
+            ckpt += " (ours only)"
+        lines.append(
+            f"| {r['case']} {tuple(r['input_shape'])} | {ckpt} | {r.get('layout_ours', '?')} | "
+            f"{r['params']['ours']:,} / {r['params']['monai']:,} | "
+            f"{t['ours']:.2f} / {t['monai']:.2f} | {t['ratio']:.2f} | {saved} | {saved_ratio} | "
+            f"{ret['ours'] / mib:.0f} / {ret['monai'] / mib:.0f} | {ret['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -280,11 +350,17 @@ def main() -> None:
         "--layout", default="channels_last", choices=["channels_last", "contiguous"]
     )
     parser.add_argument("--monai-channels-last", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (0: memory only)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--table", type=Path, default=None, help="print the markdown table of a results file"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
@@ -318,6 +394,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"nets_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
+    print(markdown_table(record))
     print(f"wrote {out}")
 
 
