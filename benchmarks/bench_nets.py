@@ -319,11 +319,13 @@ def markdown_table(record: dict) -> str:
     mib = 2**20
     lines = [
         "| case | ckpt | layout (ours) | params ours / MONAI | step s ours / MONAI | time ratio "
-        "| saved MiB ours / MONAI | saved ratio | peak MiB ours / MONAI | peak ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| saved MiB ours / MONAI | saved ratio | kept after forward, ratio "
+        "| peak MiB ours / MONAI | peak ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in record["results"]:
         t, ret = r["time_s"], r["memory"]["peak_bytes"]
+        kept = r["memory"]["retained_bytes"]
         sv = r["memory"].get("saved_bytes")
         saved = f"{sv['ours'] / mib:.0f} / {sv['monai'] / mib:.0f}" if sv else "—"
         saved_ratio = f"{sv['ratio']:.2f}" if sv else "—"
@@ -334,6 +336,7 @@ def markdown_table(record: dict) -> str:
             f"| {r['case']} {tuple(r['input_shape'])} | {ckpt} | {r.get('layout_ours', '?')} | "
             f"{r['params']['ours']:,} / {r['params']['monai']:,} | "
             f"{t['ours']:.2f} / {t['monai']:.2f} | {t['ratio']:.2f} | {saved} | {saved_ratio} | "
+            f"{kept['ratio']:.2f} | "
             f"{ret['ours'] / mib:.0f} / {ret['monai'] / mib:.0f} | {ret['ratio']:.2f} |"
         )
     return "\n".join(lines)
@@ -346,9 +349,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument(
-        "--layout", default="channels_last", choices=["channels_last", "contiguous"]
-    )
+    parser.add_argument("--layout", default="auto", choices=["auto", "channels_last", "contiguous"])
     parser.add_argument("--monai-channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (0: memory only)")
     parser.add_argument("--warmup", type=int, default=1)
