@@ -51,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import medgen
+from medgen.utils.memory import saved_tensor_bytes
 
 UNET = dict(
     in_channels=1,
@@ -171,21 +172,6 @@ def peak_bytes(forward: Callable[[], Tensor], net: nn.Module) -> int:
     return mode.peak
 
 
-def saved_bytes(forward: Callable[[], Tensor]) -> int:
-    """Bytes of distinct storages saved for backward by ``forward()`` (then runs backward)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward()
-    loss.backward()
-    return sum(storages.values())
-
-
 def retained_bytes(forward: Callable[[], Tensor]) -> int:
     """Bytes created during ``forward()`` and still alive when it returns (then runs backward)."""
     mode = _Retained()
@@ -263,7 +249,10 @@ def run_case(name: str, args: argparse.Namespace, checkpointing: bool) -> dict:
         "retained_bytes": {"ours": retained_bytes(f_ours), "monai": retained_bytes(f_ref)},
     }
     if not checkpointing:
-        mem["saved_bytes"] = {"ours": saved_bytes(f_ours), "monai": saved_bytes(f_ref)}
+        mem["saved_bytes"] = {
+            "ours": saved_tensor_bytes(f_ours),
+            "monai": saved_tensor_bytes(f_ref),
+        }
     for v in mem.values():
         v["ratio"] = v["ours"] / v["monai"]
     if device.type == "cuda":

@@ -15,6 +15,7 @@ import torch
 
 from medgen.nets import DiffusionUNet
 from medgen.nn import ModulatedConv, NoiseInjection, VectorQuantizer
+from medgen.utils.memory import saved_tensor_bytes
 
 MONAI_CONFIG = {
     "spatial_dims": 3,
@@ -30,17 +31,7 @@ MONAI_CONFIG = {
 
 def saved_mib(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
     """MiB of distinct storages autograd keeps for the backward pass of one step."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        s = tensor.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = net(x, t).square().mean()
-    loss.backward()
-    return sum(storages.values()) / 2**20
+    return saved_tensor_bytes(lambda: net(x, t).square().mean()) / 2**20
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from medgen.nn.fused import (
     norm_act,
     set_fused_backend,
 )
+from medgen.utils.memory import saved_tensor_bytes
 
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -28,21 +29,6 @@ def composite(x, groups, w, b, scale, shift, act):
     if shift is not None:
         y = y + shift.reshape(shift.shape + extra)
     return F.silu(y) if act == "silu" else y
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for backward while ``fn()`` builds its graph."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()
-    return sum(storages.values())
 
 
 CASES = [
@@ -115,8 +101,8 @@ def test_saves_only_the_input_and_statistics():
     w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
     s, h = torch.zeros(2, 16, requires_grad=True), torch.zeros(2, 16, requires_grad=True)
     full = x.numel() * 4
-    fused = saved_bytes(lambda: group_norm_act(x, 4, w, b, 1e-5, s, h))
-    unfused = saved_bytes(lambda: composite(x, 4, w, b, s, h, "silu"))
+    fused = saved_tensor_bytes(lambda: group_norm_act(x, 4, w, b, 1e-5, s, h))
+    unfused = saved_tensor_bytes(lambda: composite(x, 4, w, b, s, h, "silu"))
     assert full <= fused < full + 4096
     assert unfused >= 3 * full
 
@@ -126,7 +112,7 @@ def test_resblock_saves_less_than_unfused():
     block = ResBlock(3, 16, 16, emb_channels=8, norm_num_groups=4)
     x = torch.randn(2, 16, 8, 8, 8)
     emb = torch.randn(2, 8)
-    fused = saved_bytes(lambda: block(x.requires_grad_(), emb))
+    fused = saved_tensor_bytes(lambda: block(x.requires_grad_(), emb))
 
     class Unfused(nn.Module):
         def forward(self, x, emb):
@@ -137,7 +123,7 @@ def test_resblock_saves_less_than_unfused():
 
     unfused_net = Unfused()
     torch.testing.assert_close(block(x, emb), unfused_net(x, emb), atol=1e-5, rtol=1e-5)
-    unfused = saved_bytes(lambda: unfused_net(x, emb))
+    unfused = saved_tensor_bytes(lambda: unfused_net(x, emb))
     assert fused <= 0.7 * unfused
 
 
