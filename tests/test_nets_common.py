@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 import medgen.nets
 from medgen.nets import (
+    DCGANDiscriminator,
+    DCGANGenerator,
     Decoder,
     DiffusionUNet,
     Encoder,
@@ -27,6 +29,7 @@ from medgen.nets import (
     ResnetGenerator,
     UnetGenerator,
     VAENet,
+    WGANCritic,
 )
 from medgen.nn.distributions import DiagonalGaussian
 
@@ -49,14 +52,15 @@ class Case:
 
     Attributes:
         kwargs: Constructor kwargs besides ``spatial_dims`` (dropout, if any, left at 0).
-        image: ``(channels, size)`` of the ``(B, channels, *(size,) * spatial_dims)`` input.
-        out: Expected ``(channels, size)`` of the (first) output.
+        image: ``(channels, size)`` of the ``(B, channels, *(size,) * spatial_dims)`` input, or a
+            width ``n`` for a ``(B, n)`` vector input (a generator's latent).
+        out: Expected ``(channels, size)`` of the (first) output, or ``n`` for a ``(B, n)`` one.
         extra: Builds the other forward kwargs from ``(dtype, generator)``.
     """
 
     kwargs: dict[str, Any]
-    image: tuple[int, int]
-    out: tuple[int, int]
+    image: tuple[int, int] | int
+    out: tuple[int, int] | int
     extra: Callable[[torch.dtype, torch.Generator], dict[str, Tensor]] = field(
         default=lambda dtype, g: {}
     )
@@ -73,6 +77,8 @@ def _diffusion_extra(dtype: torch.dtype, g: torch.Generator) -> dict[str, Tensor
 # Compile time grows with every block, so attention is in one place per family: the Decoder's
 # lowest level and middle block, and the DiffusionUNet's middle block (self and cross attention).
 _AE = {"channels": (8, 16), "norm_num_groups": 4}
+# GAN nets: two stages on 8 px (a latent -> 2 px -> 4 -> 8, or 8 -> 4 -> 2 -> one score).
+_GAN = {"image_size": 8}
 
 CASES: dict[type[nn.Module], Callable[[int], Case]] = {
     Encoder: lambda sd: Case({"in_channels": 1, "out_channels": 4, **_AE}, (1, 8), (4, 4)),
@@ -127,6 +133,13 @@ CASES: dict[type[nn.Module], Callable[[int], Case]] = {
         {"in_channels": 2, "ndf": 4, "n_layers": 1}, (2, 8), (1, 2)
     ),
     PixelDiscriminator: lambda sd: Case({"in_channels": 2, "ndf": 4}, (2, 8), (1, 8)),
+    DCGANGenerator: lambda sd: Case(
+        {"latent_dim": 6, "out_channels": 1, "channels": (8, 4), **_GAN}, 6, (1, 8)
+    ),
+    DCGANDiscriminator: lambda sd: Case({"in_channels": 2, "channels": (4, 8), **_GAN}, (2, 8), 1),
+    WGANCritic: lambda sd: Case(
+        {"in_channels": 2, "channels": (4, 8), "norm": "layer", **_GAN}, (2, 8), 1
+    ),
 }
 
 
@@ -134,6 +147,14 @@ def _case(cls: type[nn.Module], spatial_dims: int) -> Case:
     if cls not in CASES:
         pytest.fail(f"{cls.__name__} is in medgen.nets.__all__ but has no entry in CASES.")
     return CASES[cls](spatial_dims)
+
+
+def _shape(spec: tuple[int, int] | int, spatial_dims: int) -> tuple[int, ...]:
+    """The batched shape a :class:`Case` ``image`` or ``out`` entry describes."""
+    if isinstance(spec, int):
+        return (BATCH, spec)
+    channels, size = spec
+    return (BATCH, channels, *(size,) * spatial_dims)
 
 
 def _build(cls: type[nn.Module], spatial_dims: int, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -146,8 +167,7 @@ def _inputs(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     case = _case(cls, spatial_dims)
     g = torch.Generator().manual_seed(seed)
-    channels, size = case.image
-    x = torch.randn(BATCH, channels, *(size,) * spatial_dims, generator=g).to(dtype)
+    x = torch.randn(*_shape(case.image, spatial_dims), generator=g).to(dtype)
     return x, case.extra(dtype, g)
 
 
@@ -169,6 +189,11 @@ def _forward(net: nn.Module, x: Tensor, extra: dict[str, Tensor], seed: int = 2)
 
 def _memory_format(spatial_dims: int) -> torch.memory_format:
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def _to_memory_format(x: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``x`` in ``fmt`` if it is an image; a vector input (a latent) has no channels-last layout."""
+    return x.contiguous(memory_format=fmt) if x.dim() >= 4 else x
 
 
 def _saved_bytes(net: nn.Module, x: Tensor, extra: dict[str, Tensor]) -> int:
@@ -233,8 +258,7 @@ def test_output_shape(cls, spatial_dims):
     x, extra = _inputs(cls, spatial_dims)
     with torch.no_grad():
         out = _forward(net, x, extra)[0]
-    channels, size = case.out
-    assert out.shape == (BATCH, channels, *(size,) * spatial_dims)
+    assert out.shape == _shape(case.out, spatial_dims)
 
 
 @params
@@ -268,7 +292,7 @@ def test_channels_last_matches_contiguous(cls, spatial_dims):
         expected = _forward(net, x, extra)
         fmt = _memory_format(spatial_dims)
         net_cl = copy.deepcopy(net).to(memory_format=fmt)
-        actual = _forward(net_cl, x.contiguous(memory_format=fmt), extra)
+        actual = _forward(net_cl, _to_memory_format(x, fmt), extra)
     _assert_all_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -2,6 +2,7 @@
 
 from medgen.nets.autoencoder import Decoder, Encoder
 from medgen.nets.diffusion_unet import DiffusionUNet
+from medgen.nets.gan import DCGANDiscriminator, DCGANGenerator, WGANCritic
 from medgen.nets.translation import (
     NLayerDiscriminator,
     PixelDiscriminator,
@@ -13,6 +14,8 @@ from medgen.nets.translation import (
 from medgen.nets.vae import VAENet
 
 __all__ = [
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "Decoder",
     "DiffusionUNet",
     "Encoder",
@@ -21,6 +24,7 @@ __all__ = [
     "ResnetGenerator",
     "UnetGenerator",
     "VAENet",
+    "WGANCritic",
     "init_weights",
     "receptive_field",
 ]
