@@ -218,6 +218,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         feature_extractor=cfg.get("feature_extractor", "pixels"),
         weights_path=cfg.get("weights_path"),
         batch_size=int(cfg.get("batch_size", 16)),
+        protocol=cfg.get("protocol", "float"),
     )
     if cfg.get("output"):
         write_json(metrics, cfg.output)

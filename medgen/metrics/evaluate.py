@@ -2,10 +2,11 @@
 
 :func:`evaluate_folders` reads both folders with :func:`medgen.data.io.read` and returns a
 JSON-friendly dict. With files of the same names in both folders it measures each pair (PSNR, SSIM,
-MS-SSIM via :class:`~medgen.metrics.pairwise.PairwiseMetrics`); otherwise it compares the two
-sets as distributions (FID and KID on features from :mod:`medgen.metrics.fidelity`). The
-``protocol`` entry states in one line what exactly was computed, so a number in a paper can be
-reproduced.
+MS-SSIM, MAE, Pearson r via :class:`~medgen.metrics.pairwise.PairwiseMetrics`: the ``"float"``
+protocol; or BCI's 8-bit PSNR/SSIM with ``protocol="bci"``, see :mod:`medgen.metrics.protocols`);
+otherwise it compares the two sets as distributions (FID and KID on features from
+:mod:`medgen.metrics.fidelity`). The ``protocol`` entry states in one line what exactly was
+computed, so a number in a paper can be reproduced.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from medgen.metrics.fidelity import (
     kernel_inception_distance,
 )
 from medgen.metrics.pairwise import PairwiseMetrics, ms_ssim_betas
+from medgen.metrics.protocols import BCI_DESCRIPTION, PROTOCOLS, bci_metrics
 
 __all__ = ["evaluate_folders"]
 
@@ -109,7 +111,11 @@ def _paired(
         pred = torch.stack([f for _, f in pending]).to(device, torch.float32)
         target = torch.stack([r for r, _ in pending]).to(device, torch.float32)
         if metrics is None:
-            metrics = PairwiseMetrics(data_range=resolver.value, spatial_dims=pred.ndim - 2)
+            metrics = PairwiseMetrics(
+                data_range=resolver.value,
+                spatial_dims=pred.ndim - 2,
+                metrics=("psnr", "ssim", "ms_ssim", "mae", "pearson_r"),
+            )
             metrics.to(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -154,10 +160,12 @@ def _paired(
     else:
         scales, size = "scales by image size", "mixed sizes"
     protocol = (
-        f"paired by file name, n={len(stems)}, {size}, {resolver.describe()}, no clamping; "
-        "psnr: mean over images of 10*log10(R^2/MSE); ssim: 11-voxel Gaussian window sigma 1.5, "
-        "K1=0.01 K2=0.03, valid region, mean over images; "
-        f"ms_ssim: Wang 2003 betas, {scales}, mean over images"
+        f"float protocol, paired by file name, n={len(stems)}, {size}, {resolver.describe()}, "
+        "no clamping; psnr: mean over images of 10*log10(R^2/MSE); ssim: 11-voxel Gaussian "
+        "window sigma 1.5, K1=0.01 K2=0.03, valid region, mean over images; "
+        f"ms_ssim: Wang 2003 betas, {scales}, mean over images; mae: mean |fake-real| in data "
+        "units, mean over images; pearson_r: over all voxels per channel, mean over channels, "
+        "mean over images"
     )
     result = {
         "mode": "paired",
@@ -167,10 +175,68 @@ def _paired(
         "psnr": values.get("psnr"),
         "ssim": values.get("ssim"),
         "ms_ssim": values.get("ms_ssim"),
+        "mae": values.get("mae"),
+        "pearson_r": values.get("pearson_r"),
     }
     if skipped_windowed:
         result["protocol"] += "; ssim/ms_ssim skipped: images smaller than the window"
     return result
+
+
+def _paired_bci(
+    real_stems: dict[str, Path], fake_stems: dict[str, Path], device: torch.device
+) -> dict:
+    """BCI's evaluation (Liu et al. 2022): 8-bit files as stored, PSNR and scikit-image SSIM."""
+    psnrs: list[float] = []
+    ssims: list[float] = []
+    shapes: set[tuple[int, ...]] = set()
+    dropped_alpha = False
+    for stem in sorted(real_stems):
+        pair = []
+        for path in (real_stems[stem], fake_stems[stem]):
+            tensor, dtype = _load(path)
+            if dtype != "uint8":
+                raise MedgenIOError(
+                    f"{path}: protocol='bci' compares 8-bit images as BCI's evaluation script "
+                    f"does, but this file holds {dtype} values; save the images as 8-bit PNG "
+                    "(medgen.metrics.protocols.to_uint8_bci converts a [-1, 1] or [0, 1] tensor "
+                    "the way the script does) or use protocol='float' with data_range=..."
+                )
+            if tensor.ndim != 3:
+                raise MedgenIOError(
+                    f"{path}: protocol='bci' is for 2D images, got shape {tuple(tensor.shape)}"
+                )
+            if tensor.shape[0] in (2, 4):  # like cv2.imread(path) in the script: no alpha
+                tensor, dropped_alpha = tensor[:-1], True
+            pair.append(tensor)
+        real, fake = pair
+        if real.shape != fake.shape:
+            raise MedgenIOError(
+                f"shape mismatch in pair {stem!r}: {real_stems[stem]} is {tuple(real.shape)} but "
+                f"{fake_stems[stem]} is {tuple(fake.shape)}"
+            )
+        if min(real.shape[1:]) < 7:
+            raise MedgenIOError(
+                f"{real_stems[stem]}: image of size {tuple(real.shape[1:])} is smaller than the "
+                "7x7 SSIM window of protocol='bci'"
+            )
+        values = bci_metrics(fake[None].to(device), real[None].to(device), reduction="none")
+        psnrs.append(float(values["psnr"][0]))
+        ssims.append(float(values["ssim"][0]))
+        shapes.add(tuple(real.shape))
+    n = len(psnrs)
+    size = "x".join(str(s) for s in next(iter(shapes))) if len(shapes) == 1 else "mixed sizes"
+    protocol = f"{BCI_DESCRIPTION}; paired by file name, n={n}, {size}"
+    if dropped_alpha:
+        protocol += ", alpha channel dropped"
+    return {
+        "mode": "paired",
+        "n": n,
+        "data_range": 255.0,
+        "protocol": protocol,
+        "psnr": math.fsum(psnrs) / n,
+        "ssim": math.fsum(ssims) / n,
+    }
 
 
 def _make_extractor(
@@ -298,6 +364,7 @@ def evaluate_folders(
     device: str | torch.device = "cpu",
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    protocol: str = "float",
 ) -> dict:
     """Compare generated images in ``fake`` with real ones in ``real``.
 
@@ -305,13 +372,24 @@ def evaluate_folders(
 
     - ``"paired"``: files are matched by :func:`~medgen.data.io.image_stem` (``a.png`` with
       ``a.png``, ``b.nii.gz`` with ``b.nii.gz``); every name must have a partner. Returns
-      ``{"mode", "n", "data_range", "protocol", "psnr", "ssim", "ms_ssim"}``: means over pairs of
-      the per-pair values (``fake`` is the prediction, ``real`` the reference; not clamped).
-      ``ssim``/``ms_ssim`` are ``None`` for images smaller than the 11-voxel window; MS-SSIM uses
-      fewer than five scales below 176 voxels per side (see :func:`~medgen.metrics.ms_ssim`).
+      ``{"mode", "n", "data_range", "protocol", "psnr", "ssim", "ms_ssim", "mae",
+      "pearson_r"}``: means over pairs of the per-pair values (``fake`` is the prediction,
+      ``real`` the reference; not clamped). ``ssim``/``ms_ssim`` are ``None`` for images smaller
+      than the 11-voxel window; MS-SSIM uses fewer than five scales below 176 voxels per side
+      (see :func:`~medgen.metrics.ms_ssim`). ``mae`` is in data units; ``pearson_r`` is NaN for
+      an image with a constant channel.
     - ``"unpaired"``: returns ``{"mode", "n_real", "n_fake", "data_range", "protocol", "fid",
       "kid_mean", "kid_std", "feature_extractor"}``, features computed from ``x / data_range``.
     - ``"auto"`` (default): paired when both folders hold exactly the same names, else unpaired.
+
+    Protocols (paired metrics; see :mod:`medgen.metrics.protocols`):
+
+    - ``"float"`` (default): the paired metrics above, on the files' values with ``data_range``.
+    - ``"bci"``: BCI's evaluation script (Liu et al., CVPR-W 2022): 8-bit files as stored (an
+      alpha channel is dropped, as ``cv2.imread`` does), PSNR with data range 255, SSIM as
+      ``skimage.metrics.structural_similarity(a, b, data_range=255, channel_axis=-1)``; returns
+      ``{"mode", "n", "data_range", "protocol", "psnr", "ssim"}``. Paired only; 2D 8-bit files
+      only.
 
     ``data_range`` (the width of the intensity scale) is derived from the files when omitted:
     255 for 8-bit and 65535 for 16-bit PNG/TIFF/NIfTI. Float files (e.g. most NIfTI, DICOM in HU)
@@ -332,6 +410,7 @@ def evaluate_folders(
         device: where to compute.
         kid_subsets: KID subsets.
         kid_subset_size: KID subset size, reduced to the smaller folder's size.
+        protocol: ``"float"`` or ``"bci"`` (paired metrics only).
 
     Returns:
         JSON-friendly dict (Python floats, ints and strings).
@@ -339,10 +418,25 @@ def evaluate_folders(
     Raises:
         MedgenIOError: missing or empty folder, unreadable file, NaN/Inf, unmatched names in
             paired mode (up to 10 listed), shape mismatch within a pair (both files named), float
-            files without ``data_range``.
+            files without ``data_range``; with ``protocol="bci"``: files that are not 8-bit.
+        ValueError: unknown ``mode``/``protocol``; ``protocol="bci"`` with ``mode="unpaired"``
+            or with a ``data_range`` other than 255.
     """
     if mode not in ("auto", "paired", "unpaired"):
         raise ValueError(f"mode must be 'auto', 'paired' or 'unpaired', got {mode!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "bci":
+        if mode == "unpaired":
+            raise ValueError(
+                "protocol='bci' defines paired metrics (PSNR/SSIM of each generated image against "
+                "its real partner); use mode='paired' (or 'auto') with the same file names in "
+                "both folders, or protocol='float' for unpaired FID/KID"
+            )
+        if data_range is not None and float(data_range) != 255.0:
+            raise ValueError(
+                f"protocol='bci' always uses data_range=255 (8-bit images), got {data_range!r}"
+            )
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     real, fake = Path(real), Path(fake)
@@ -353,17 +447,20 @@ def evaluate_folders(
     if mode != "unpaired":
         real_stems, fake_stems = files_by_stem(real_files, real), files_by_stem(fake_files, fake)
         matched = set(real_stems) == set(fake_stems)
-        if mode == "paired" and not matched:
+        if (mode == "paired" or protocol == "bci") and not matched:
             only_real = sorted(set(real_stems) - set(fake_stems))
             only_fake = sorted(set(fake_stems) - set(real_stems))
             listed = [f"{real / real_stems[s].name} (no partner in {fake})" for s in only_real]
             listed += [f"{fake / fake_stems[s].name} (no partner in {real})" for s in only_fake]
             more = len(listed) - 10
             raise MedgenIOError(
-                f"paired evaluation needs the same file names in both folders; "
+                ("protocol='bci' is paired only: " if protocol == "bci" else "")
+                + "paired evaluation needs the same file names in both folders; "
                 f"{len(listed)} unmatched: {', '.join(listed[:10])}"
                 + (f", ... and {more} more" if more > 0 else "")
             )
+        if matched and protocol == "bci":
+            return _paired_bci(real_stems, fake_stems, device)
         if matched:
             return _paired(real_stems, fake_stems, resolver, batch_size, device)
     return _unpaired(

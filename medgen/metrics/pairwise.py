@@ -1,4 +1,4 @@
-"""Full-reference metrics for paired images and volumes: PSNR, SSIM and MS-SSIM.
+"""Full-reference metrics for paired images and volumes: PSNR, SSIM, MS-SSIM, MAE, Pearson r.
 
 Every function takes ``(B, C, H, W)`` or ``(B, C, D, H, W)`` tensors and a keyword-only
 ``data_range`` (the width of the intensity scale, e.g. 255 for 8-bit, 65535 for 16-bit, 1 for
@@ -14,7 +14,11 @@ scikit-image and Wang et al.'s reference code by up to 5e-3 at an 11x11 window o
 (3) its MS-SSIM size check is only right for exactly five scales and ignores the depth of volumes.
 Here the SSIM map is computed on the *valid* region only (every window fully inside the image),
 exactly like ``skimage.metrics.structural_similarity(..., use_sample_covariance=False)`` and like
-torchmetrics' own SSIM map with its padded border cut off; both equalities are tested.
+torchmetrics' own SSIM map with its padded border cut off; both equalities are tested. With
+``sample_covariance=True`` it is scikit-image's default ``use_sample_covariance=True`` instead.
+
+MAE and Pearson r (used e.g. by COMI, Zhang et al., CSBJ 2022) need no data range: MAE is in the
+data's units, Pearson r is scale-free.
 
 References:
     Wang, Bovik, Sheikh, Simoncelli. "Image quality assessment: from error visibility to structural
@@ -40,8 +44,10 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 __all__ = [
     "MS_SSIM_BETAS",
     "PairwiseMetrics",
+    "mae",
     "ms_ssim",
     "ms_ssim_betas",
+    "pearson_r",
     "psnr",
     "ssim",
 ]
@@ -145,12 +151,15 @@ def _ssim_terms(
     gaussian: bool,
     k1: float,
     k2: float,
+    sample_covariance: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-image mean SSIM and mean contrast-structure term ``cs`` over the valid region.
 
     ``SSIM = l * cs`` with ``l = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)`` and
     ``cs = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2)`` (Wang et al. 2004, Eq. 13),
-    local statistics weighted by the window, population (biased) moments.
+    local statistics weighted by the window, population (biased) moments; with
+    ``sample_covariance`` the (co)variances are multiplied by ``N / (N - 1)``, ``N`` the number of
+    voxels in the window (scikit-image's ``use_sample_covariance=True``).
     """
     spatial = pred.shape[2:]
     if min(spatial) < kernel_size:
@@ -170,6 +179,9 @@ def _ssim_terms(
     var_p = e_pp - mu_p * mu_p
     var_t = e_tt - mu_t * mu_t
     cov = e_pt - mu_p * mu_t
+    if sample_covariance:
+        n = kernel_size ** len(spatial)
+        var_p, var_t, cov = (v * (n / (n - 1)) for v in (var_p, var_t, cov))
     mu_p = mu_p + offset
     mu_t = mu_t + offset
     cs_map = (2 * cov + c2) / (var_p + var_t + c2)
@@ -189,6 +201,7 @@ def ssim(
     k1: float = 0.01,
     k2: float = 0.03,
     reduction: str = "mean",
+    sample_covariance: bool = False,
 ) -> Tensor:
     """Structural similarity (Wang et al. 2004) for 2D images or 3D volumes.
 
@@ -198,7 +211,9 @@ def ssim(
     ``skimage.metrics.structural_similarity(x, y, data_range=R, win_size=k,
     gaussian_weights=not uniform, sigma=sigma, use_sample_covariance=False)``; scikit-image's
     default ``use_sample_covariance=True`` rescales variances by ``N / (N - 1)`` and gives slightly
-    different values.
+    different values; pass ``sample_covariance=True`` for those. scikit-image's defaults
+    (``structural_similarity(x, y, data_range=R)``, also with ``channel_axis``) are therefore
+    ``ssim(x, y, data_range=R, kernel_size=7, gaussian=False, sample_covariance=True)``.
 
     Args:
         pred: ``(B, C, *spatial)`` prediction, 2 or 3 spatial dims, each at least ``kernel_size``.
@@ -211,13 +226,26 @@ def ssim(
         k1: luminance stabiliser.
         k2: contrast stabiliser.
         reduction: ``"mean"`` over the batch or ``"none"`` for ``(B,)`` values.
+        sample_covariance: unbiased local (co)variances, ``N / (N - 1)`` times the population
+            ones for a window of ``N`` voxels (scikit-image's default); off by default
+            (Wang et al.'s definition).
 
     Returns:
         Scalar or ``(B,)`` tensor; identical images give exactly 1.
     """
     pred, target = _prepare(pred, target, data_range)
     _check_kernel(kernel_size, sigma)
-    values, _ = _ssim_terms(pred, target, float(data_range), kernel_size, sigma, gaussian, k1, k2)
+    values, _ = _ssim_terms(
+        pred,
+        target,
+        float(data_range),
+        kernel_size,
+        sigma,
+        gaussian,
+        k1,
+        k2,
+        sample_covariance=bool(sample_covariance),
+    )
     return _reduce(values, reduction)
 
 
@@ -342,6 +370,66 @@ def ms_ssim(
     return _reduce(values, reduction)
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float64 (float32 on MPS, which has no float64)."""
+    return x.to(torch.float32 if x.device.type == "mps" else torch.float64)
+
+
+def _check_pair(pred: Tensor, target: Tensor) -> None:
+    if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("pred and target must be torch tensors")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    if pred.ndim < 3:
+        raise ValueError(f"expected (B, C, *spatial) tensors, got shape {tuple(pred.shape)}")
+
+
+def mae(pred: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Mean absolute error ``mean |pred - target|`` per image, in the data's units.
+
+    Computed in float64 over all channels and voxels of each image; not clamped.
+
+    Args:
+        pred: ``(B, C, *spatial)`` prediction.
+        target: reference of the same shape.
+        reduction: ``"mean"`` over the batch or ``"none"`` for ``(B,)`` values.
+
+    Returns:
+        Scalar or ``(B,)`` float64 tensor.
+    """
+    _check_pair(pred, target)
+    diff = _wide(pred) - _wide(target)
+    return _reduce(diff.abs().flatten(1).mean(1), reduction)
+
+
+def pearson_r(pred: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Pearson correlation coefficient per image: over all voxels of each channel, channels averaged.
+
+    ``r = sum((x - mean x)(y - mean y)) / sqrt(sum((x - mean x)^2) sum((y - mean y)^2))``, computed
+    in float64. As in COMI (Zhang et al., CSBJ 2022), a measure of structural agreement that
+    ignores global intensity scale and offset. A channel that is constant in either image has no
+    correlation and gives NaN (like ``scipy.stats.pearsonr``), which the image's value inherits.
+
+    Args:
+        pred: ``(B, C, *spatial)`` prediction.
+        target: reference of the same shape.
+        reduction: ``"mean"`` over the batch or ``"none"`` for ``(B,)`` values.
+
+    Returns:
+        Scalar or ``(B,)`` float64 tensor in ``[-1, 1]``.
+    """
+    _check_pair(pred, target)
+    x = _wide(pred).flatten(2)
+    y = _wide(target).flatten(2)
+    x = x - x.mean(-1, keepdim=True)
+    y = y - y.mean(-1, keepdim=True)
+    r = (x * y).sum(-1) / torch.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    return _reduce(r.clamp(-1.0, 1.0).mean(1), reduction)
+
+
 class _PerImageMean(Metric):
     """Running mean of a per-image metric; states are sums, so they reduce across processes."""
 
@@ -366,12 +454,19 @@ class _PerImageMean(Metric):
         return (self.total / self.count).to(torch.float32)
 
 
-_METRIC_FNS = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim}
+_METRIC_FNS = {
+    "psnr": psnr,
+    "ssim": ssim,
+    "ms_ssim": ms_ssim,
+    "mae": mae,
+    "pearson_r": pearson_r,
+}
+_NEEDS_RANGE = ("psnr", "ssim", "ms_ssim")
 _WINDOWED = ("ssim", "ms_ssim")  # need at least one full window inside the image
 
 
 class PairwiseMetrics(nn.Module):
-    """Accumulate PSNR, SSIM and MS-SSIM over batches of paired images or volumes.
+    """Accumulate PSNR, SSIM, MS-SSIM (and optionally MAE, Pearson r) over paired batches.
 
     Each metric is a torchmetrics :class:`~torchmetrics.Metric` holding the sum of per-image values
     and their count, so :meth:`compute` returns the mean over all images seen (for PSNR: the mean
@@ -386,11 +481,13 @@ class PairwiseMetrics(nn.Module):
     Args:
         data_range: width of the intensity scale (required).
         spatial_dims: 2 for ``(B, C, H, W)``, 3 for ``(B, C, D, H, W)``.
-        metrics: any of ``"psnr"``, ``"ssim"``, ``"ms_ssim"``.
+        metrics: any of ``"psnr"``, ``"ssim"``, ``"ms_ssim"``, ``"mae"``, ``"pearson_r"``.
         prefix: prepended to every key of :meth:`compute`, e.g. ``"val/"``.
         kernel_size: SSIM / MS-SSIM window size.
         sigma: Gaussian window standard deviation.
         gaussian: Gaussian (default) or uniform window.
+        sample_covariance: unbiased local (co)variances in SSIM (scikit-image's default; see
+            :func:`ssim`); MS-SSIM always uses the population ones.
 
     Example:
         >>> m = PairwiseMetrics(data_range=1.0, metrics=("psnr", "ssim"), prefix="val/")
@@ -409,6 +506,7 @@ class PairwiseMetrics(nn.Module):
         kernel_size: int = 11,
         sigma: float = 1.5,
         gaussian: bool = True,
+        sample_covariance: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -428,9 +526,13 @@ class PairwiseMetrics(nn.Module):
         window = {"kernel_size": kernel_size, "sigma": sigma, "gaussian": gaussian}
         self.metrics = nn.ModuleDict()
         for name in dict.fromkeys(metrics):
-            kwargs = {"data_range": self.data_range, "reduction": "none"}
-            if name != "psnr":
+            kwargs = {"reduction": "none"}
+            if name in _NEEDS_RANGE:
+                kwargs["data_range"] = self.data_range
+            if name in _WINDOWED:
                 kwargs.update(window)
+            if name == "ssim" and sample_covariance:
+                kwargs["sample_covariance"] = True
             self.metrics[name] = _PerImageMean(functools.partial(_METRIC_FNS[name], **kwargs))
         self._too_small_warned = False
 
