@@ -24,7 +24,9 @@ class EMA(L.Callback):
     """Keep an exponential moving average of ``pl_module.<attribute>``'s floating-point state.
 
     ``shadow = decay * shadow + (1 - decay) * weights`` after every ``every_n_steps`` optimiser
-    steps, starting at ``start_step`` (before it, the shadow copies the weights). Integer buffers
+    steps (``pl_module.ema_step`` when the module defines it, e.g. a GAN's generator steps; else
+    Lightning's ``global_step``; once per step, also under gradient accumulation), starting at
+    ``start_step`` (before it, the shadow copies the weights). Integer buffers
     (e.g. BatchNorm's ``num_batches_tracked``) are copied. The shadow is saved in checkpoints, so a
     resumed run continues the same average; validation and export use the averaged weights when
     ``use_for_validation`` is true.
@@ -54,6 +56,7 @@ class EMA(L.Callback):
         self.use_for_validation = use_for_validation
         self.shadow: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] | None = None
+        self._last_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -75,9 +78,12 @@ class EMA(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps:
+        # A module may count its own steps of the averaged net (a GAN's generator steps, which
+        # Lightning's global_step mixes with discriminator steps); average once per such step.
+        step = int(getattr(pl_module, "ema_step", trainer.global_step))
+        if step == self._last_step or step % self.every_n_steps:
             return
+        self._last_step = step
         decay = 0.0 if step < self.start_step else self.decay
         for key, value in self._module(pl_module).state_dict().items():
             shadow = self.shadow[key]

@@ -1,0 +1,164 @@
+"""Adversarial losses and discriminator regularisers, for 2D and 3D GANs.
+
+Each loss is written as in its paper; logits are raw discriminator outputs of any shape (one per
+sample, or one per patch for PatchGANs), and every loss is a mean over all logits.
+
+- ``"non_saturating"`` (alias ``"vanilla"``): Goodfellow et al., "Generative Adversarial Nets",
+  NeurIPS 2014 — the discriminator minimises binary cross-entropy, the generator maximises
+  ``log D(G(z))`` instead of minimising ``log(1 - D(G(z)))`` (their section 3), which is BCE with
+  the "real" label. pix2pix's ``vanilla`` mode is exactly this.
+- ``"lsgan"``: Mao et al., "Least Squares Generative Adversarial Networks", ICCV 2017, with the
+  0-1 coding (their eq. 9 with a=0, b=c=1): ``D: ½(D(x)-1)² + ½D(G(z))²``, ``G: ½(D(G(z))-1)²``.
+  We drop the ½ to match pix2pix/CycleGAN (``MSELoss``), which scale it in the caller.
+- ``"hinge"``: Lim & Ye, "Geometric GAN", 2017; Miyato et al., "Spectral Normalization for GANs",
+  ICLR 2018: ``D: relu(1 - D(x)) + relu(1 + D(G(z)))``, ``G: -D(G(z))``.
+- ``"wgan"``: Arjovsky et al., "Wasserstein GAN", ICML 2017: ``D: D(G(z)) - D(x)``,
+  ``G: -D(G(z))``; use it with :func:`gradient_penalty` (Gulrajani et al., "Improved Training of
+  Wasserstein GANs", NeurIPS 2017) — WGAN-GP.
+
+Regularisers: :func:`gradient_penalty` (WGAN-GP, per-sample gradient norm) and :func:`r1_penalty`
+(Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GAN_LOSSES = ("non_saturating", "vanilla", "lsgan", "hinge", "wgan")
+
+
+def check_gan_loss(mode: str) -> str:
+    """Return ``mode`` if it names a GAN loss (see :data:`GAN_LOSSES`), else raise ValueError."""
+    if mode not in GAN_LOSSES:
+        raise ValueError(f"unknown GAN loss {mode!r}; choose one of {', '.join(GAN_LOSSES)}")
+    return mode
+
+
+def adversarial_loss(
+    logits: Tensor, target_is_real: bool, mode: str, for_discriminator: bool = True
+) -> Tensor:
+    """The loss of one set of logits against the label "real" or "fake".
+
+    This is pix2pix's ``GANLoss(prediction, target_is_real)`` generalised to the hinge and
+    Wasserstein losses, whose discriminator and generator terms differ in form: for those two,
+    ``for_discriminator`` selects ``relu(1 ∓ D)`` / ``∓D`` (discriminator) or ``-D``
+    (generator, ``target_is_real=True``).
+
+    Args:
+        logits: Raw discriminator outputs, any shape.
+        target_is_real: Whether the logits should be judged real.
+        mode: One of :data:`GAN_LOSSES`.
+        for_discriminator: The discriminator's loss (True) or the generator's (False).
+
+    Returns:
+        Scalar, the mean over all logits (computed in float32).
+    """
+    check_gan_loss(mode)
+    logits = logits.float()
+    if mode in ("non_saturating", "vanilla"):
+        # BCE-with-logits: -log sigmoid(l) = softplus(-l) for "real", softplus(l) for "fake".
+        return F.softplus(-logits if target_is_real else logits).mean()
+    if mode == "lsgan":
+        return (logits - (1.0 if target_is_real else 0.0)).square().mean()
+    if not for_discriminator:
+        if not target_is_real:
+            raise ValueError(f"the {mode} generator loss is defined for target_is_real=True only")
+        return -logits.mean()
+    if mode == "hinge":
+        return F.relu(1.0 - logits if target_is_real else 1.0 + logits).mean()
+    return -logits.mean() if target_is_real else logits.mean()  # wgan
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str) -> Tensor:
+    """Discriminator (critic) loss: the "real" term on real logits plus the "fake" term on fakes."""
+    return adversarial_loss(real_logits, True, mode) + adversarial_loss(fake_logits, False, mode)
+
+
+def generator_loss(fake_logits: Tensor, mode: str) -> Tensor:
+    """Generator loss on the discriminator's logits for generated images."""
+    return adversarial_loss(fake_logits, True, mode, for_discriminator=False)
+
+
+def _per_sample_grad_norm_sq(outputs: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
+    """``|d sum(outputs) / d inputs|²`` per sample: ``(B,)``.
+
+    Summing the outputs before differentiating gives each sample's own gradient, because the
+    discriminator treats the samples of a batch independently (no batch norm, see the nets).
+    """
+    (grad,) = torch.autograd.grad(
+        outputs.float().sum(), inputs, create_graph=create_graph, only_inputs=True
+    )
+    return grad.float().flatten(1).square().sum(dim=1)
+
+
+def gradient_penalty(
+    critic: Callable[[Tensor], Tensor],
+    real: Tensor,
+    fake: Tensor,
+    center: float = 1.0,
+    generator: torch.Generator | None = None,
+    create_graph: bool = True,
+) -> Tensor:
+    """WGAN-GP penalty ``E[(‖∇D(x̂)‖₂ - center)²]`` (Gulrajani et al. 2017, eq. 3).
+
+    ``x̂ = ε x + (1 - ε) G(z)`` with one ``ε ~ U[0, 1]`` **per sample**, and the norm taken over
+    each sample's own gradient (all of its channels and voxels), then averaged over the batch.
+    (Taking one norm over the whole batch's gradient, as some libraries do, penalises the
+    batch's joint gradient, which is ``sqrt(B)`` times a per-sample norm near 1: wrong by design.)
+
+    Args:
+        critic: Maps ``(B, C, *spatial)`` to logits of any shape with batch first (wrap a
+            conditional critic with its condition, e.g. ``lambda x: D(torch.cat([cond, x], 1))``).
+        real: Real images ``(B, C, *spatial)``.
+        fake: Generated images of the same shape (detached or not; only their values are used).
+        center: Target norm (1 in the paper; 0 gives the zero-centred variant).
+        generator: Optional ``torch.Generator`` for ``ε`` (on the images' device).
+        create_graph: Keep the graph so the penalty can be back-propagated (training).
+
+    Returns:
+        Scalar penalty (float32); multiply by λ (10 in the paper) in the caller.
+    """
+    if real.shape != fake.shape:
+        raise ValueError(
+            f"real and fake must have the same shape, got {tuple(real.shape)} and "
+            f"{tuple(fake.shape)}"
+        )
+    shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+    eps = torch.rand(shape, generator=generator, device=real.device, dtype=real.dtype)
+    mixed = torch.lerp(fake.detach(), real.detach(), eps).requires_grad_(True)
+    norms = _per_sample_grad_norm_sq(critic(mixed), mixed, create_graph).add(1e-12).sqrt()
+    return (norms - center).square().mean()
+
+
+def r1_penalty(real_logits: Tensor, real: Tensor, create_graph: bool = True) -> Tensor:
+    """R1 penalty ``E[‖∇ₓD(x)‖²]`` on real data (Mescheder et al. 2018, eq. 9, without γ/2).
+
+    Args:
+        real_logits: ``D(real)``, computed from ``real`` with ``real.requires_grad_(True)``.
+        real: The real images ``(B, C, *spatial)``.
+        create_graph: Keep the graph so the penalty can be back-propagated.
+
+    Returns:
+        Scalar: the mean over samples of each sample's squared gradient norm. The full
+        regulariser is ``gamma / 2 * r1_penalty(...)``; with lazy regularisation every ``k``
+        discriminator steps (Karras et al., StyleGAN2, CVPR 2020, section 4) it is also multiplied
+        by ``k``.
+    """
+    if not real.requires_grad:
+        raise ValueError("r1_penalty needs real.requires_grad_(True) before computing D(real)")
+    return _per_sample_grad_norm_sq(real_logits, real, create_graph).mean()
+
+
+__all__ = [
+    "GAN_LOSSES",
+    "adversarial_loss",
+    "check_gan_loss",
+    "discriminator_loss",
+    "generator_loss",
+    "gradient_penalty",
+    "r1_penalty",
+]
