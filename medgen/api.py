@@ -175,10 +175,25 @@ def write_samples(
     3D samples become float32 NIfTI ``.nii.gz`` files with the model's voxel spacing. The same
     seed gives byte-identical files.
     """
+    output_dir = ensure_writable_dir(output_dir, "sample folder")
+    images = model.sample(num_samples, seed=seed, batch_size=batch_size)
+    return write_images(model, images, output_dir, prefix)
+
+
+def write_images(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    output_dir: str | os.PathLike,
+    prefix: str = "sample",
+) -> list[Path]:
+    """Write generated images ``(N, C, *spatial)`` in ``model``'s data units, one file each.
+
+    2D images become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
+    3D ones float32 NIfTI ``.nii.gz`` files with the model's voxel spacing.
+    """
     from medgen.data.io import write
 
     output_dir = ensure_writable_dir(output_dir, "sample folder")
-    images = model.sample(num_samples, seed=seed, batch_size=batch_size)
     value_range = tuple(model.value_range)
     paths = []
     for i, image in enumerate(images):
@@ -195,13 +210,67 @@ def write_samples(
     return paths
 
 
+def read_references(folder: str | os.PathLike, model: torch.nn.Module) -> torch.Tensor:
+    """Read the real images in ``folder`` as ``(R, C, *spatial)`` in ``model``'s data units.
+
+    Integer files (8/16-bit PNG, TIFF) are scaled from their dtype's full range onto the model's
+    ``value_range`` (as :func:`write_images` writes them); float files (NIfTI) are taken as data
+    units. Every image must have the model's image size; an error names the first that does not.
+    """
+    from medgen.data.io import MedgenIOError, list_images, read
+
+    low, high = model.value_range
+    images = []
+    for path in list_images(folder):
+        image = read(path)
+        source = str(image.meta.get("source_dtype", ""))
+        tensor = image.as_tensor().float()
+        if source in ("uint8", "uint16"):
+            tensor = low + tensor / (255.0 if source == "uint8" else 65535.0) * (high - low)
+        if images and tensor.shape != images[0].shape:
+            raise MedgenIOError(
+                f"{path}: shape {tuple(tensor.shape)} differs from the other reference images' "
+                f"{tuple(images[0].shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise MedgenIOError(f"{path}: reference image contains NaN/Inf values")
+        images.append(tensor)
+    return torch.stack(images)
+
+
 def sample(cfg: DictConfig) -> list[Path]:
-    """Write ``cfg.num_samples`` samples of ``cfg.checkpoint`` to ``cfg.output_dir``."""
-    model = load(cfg.checkpoint, use_ema=cfg.get("use_ema", True))
-    model = model.to(torch.device(cfg.get("device", "cpu")))
-    paths = write_samples(
-        model, cfg.output_dir, int(cfg.num_samples), int(cfg.seed), int(cfg.get("batch_size", 16))
-    )
+    """Write ``cfg.num_samples`` samples of ``cfg.checkpoint`` to ``cfg.output_dir``.
+
+    With ``cfg.generators`` (a list of GAN checkpoints or exported folders) the samples are
+    AGGrGAN aggregates of those generators; an AGGrGAN model (trained or aggregated) writes a
+    dataset folder with ``selection.csv`` and scores its candidates against the real images in
+    ``cfg.reference_dir`` when given.
+    """
+    device = torch.device(cfg.get("device", "cpu"))
+    if cfg.get("generators"):
+        from medgen.models.aggrgan import AGGrGAN
+
+        model = AGGrGAN.from_generators(list(cfg.generators))
+    else:
+        model = load(cfg.checkpoint, use_ema=cfg.get("use_ema", True))
+    model = model.to(device)
+    if hasattr(model, "write_dataset"):
+        reference = read_references(cfg.reference_dir, model) if cfg.get("reference_dir") else None
+        paths = model.write_dataset(
+            cfg.output_dir,
+            int(cfg.num_samples),
+            int(cfg.seed),
+            reference=reference,
+            batch_size=int(cfg.get("batch_size", 16)),
+        )
+    else:
+        paths = write_samples(
+            model,
+            cfg.output_dir,
+            int(cfg.num_samples),
+            int(cfg.seed),
+            int(cfg.get("batch_size", 16)),
+        )
     log.info("medgen: wrote %d samples to %s", len(paths), cfg.output_dir)
     return paths
 
@@ -226,4 +295,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-__all__ = ["CheckpointError", "compose", "evaluate", "load", "sample", "train", "write_samples"]
+__all__ = [
+    "CheckpointError",
+    "compose",
+    "evaluate",
+    "load",
+    "sample",
+    "train",
+    "write_images",
+    "write_samples",
+]
