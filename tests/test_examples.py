@@ -19,3 +19,18 @@ def test_nets_speed_memory_example(capsys: pytest.CaptureFixture[str]) -> None:
     full = float(out.split("saved for backward:")[1].split()[0])
     ckpt = float(out.split("saved with checkpointing (outside blocks):")[1].split()[0])
     assert ckpt < full
+
+
+def test_gan_augmentation_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["gan_augmentation.py", str(tmp_path), "--num-samples", "3"])
+    runpy.run_path(str(EXAMPLES / "gan_augmentation.py"), run_name="__main__")
+    synthetic = tmp_path / "synthetic"
+    assert sorted(p.name for p in synthetic.glob("*.png")) == [
+        f"aggrgan_{i:04d}.png" for i in range(3)
+    ]
+    with open(synthetic / "selection.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(set(r["kept"].split("+")) == {"dcgan", "wgan_gp"} for r in rows)

@@ -134,8 +134,10 @@ def test_style_transfer_runs_with_local_weights_and_warns_without_style_images(t
     }
     model = _model(style=style)
     assert model.style_enabled
-    merged = model.sample(2, seed=0)
     with pytest.warns(UserWarning, match="no style images"):
+        merged = model.sample(2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per model, not at every validation
         model.sample(2, seed=0)
     reference = torch.rand(2, 1, SIZE, SIZE)
     styled = model.sample(2, seed=0, reference=reference)

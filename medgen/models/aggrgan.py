@@ -1,9 +1,10 @@
 """AGGrGAN: aggregation of several GANs' outputs, sharpness-weighted merging and style transfer.
 
-AGGrGAN (Mukherkjee, Saha, Dutta, Sarkar et al., "AGGrGAN: a deep ensemble of GANs for
-synthesising brain tumour MR images", Scientific Reports 12, 2022, doi 10.1038/s41598-022-12646-y)
-trains three base GANs (two DCGAN variants and a WGAN), keeps the best candidates, merges them
-pixel-wise by local sharpness and refines the merge by neural style transfer with VGG-19. The
+AGGrGAN (Mukherkjee, Saha, Kaplun, Sinitca, Sarkar, "Brain tumor image generation using an
+aggregation of GAN models with style transfer", Scientific Reports 12, 2022,
+doi 10.1038/s41598-022-12646-y) trains three base GANs (two DCGAN variants and a WGAN), keeps
+the best candidates, merges them pixel-wise by local sharpness and refines the merge by neural
+style transfer with VGG-19. The
 paper has no public code; the concrete choices below follow a published re-implementation (see
 ``REFERENCES.md``) and every number is a keyword argument:
 
@@ -607,6 +608,7 @@ class AGGrGAN(AdversarialModule):
         if unknown:
             raise ValueError(f"style: unknown keys {sorted(unknown)}; valid: {sorted(_STYLE_KEYS)}")
         self._style_extractor: VGGFeatures | None = None
+        self._warned_no_style = False
         self.num_log_images = num_log_images
         count = len(generators)
         self.register_buffer("generator_steps", torch.zeros(count, dtype=torch.long))
@@ -748,10 +750,11 @@ class AGGrGAN(AdversarialModule):
                     )
                 ]
             )
-        elif self.style_enabled:
+        elif self.style_enabled and not self._warned_no_style:
+            self._warned_no_style = True
             warnings.warn(
                 "AGGrGAN: style transfer is configured but no style images were given "
-                "(pass reference= or style_images=); returning the merged images",
+                "(pass reference= or style_images=); returning the merged images (warned once)",
                 stacklevel=2,
             )
         if return_selection:
