@@ -32,7 +32,6 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medgen.nets.translation import (
     _apply_layers,
+    _BufferSnapshot,
     _checkpoint_stage,
     _norm,
     _RestoreRunningStats,
@@ -134,23 +134,8 @@ def _parametrization_buffers(modules: Sequence[nn.Module]) -> list[Tensor]:
     return buffers
 
 
-class _SnapshotBuffers:
+class _SnapshotBuffers(_BufferSnapshot):
     """Forward context of a checkpointed stage: remembers ``buffers`` as they were before it."""
-
-    def __init__(self, buffers: list[Tensor]) -> None:
-        self.buffers = buffers
-        self.saved: list[Tensor] = []
-
-    def __enter__(self) -> None:
-        self.saved = [b.clone() for b in self.buffers]
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
 
 class _ReplayFromSnapshot(_RestoreRunningStats):

@@ -113,14 +113,8 @@ def _tracked_stat_buffers(modules: Sequence[nn.Module]) -> list[Tensor]:
     return buffers
 
 
-class _RestoreRunningStats:
-    """Context manager that undoes running-statistics updates made inside it.
-
-    Entered around the recomputation of a checkpointed stage: the recomputed forward runs batch /
-    instance norm in training mode again, which would apply the momentum update (and
-    ``num_batches_tracked += 1``) a second time. The buffers are copied on entry and written back
-    on exit, so they end exactly as after the original forward pass.
-    """
+class _BufferSnapshot:
+    """Context manager that copies ``buffers`` on entry (into :attr:`saved`) and keeps them."""
 
     def __init__(self, buffers: list[Tensor]) -> None:
         self.buffers = buffers
@@ -128,6 +122,24 @@ class _RestoreRunningStats:
 
     def __enter__(self) -> None:
         self.saved = [b.clone() for b in self.buffers]
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class _RestoreRunningStats(_BufferSnapshot):
+    """Context manager that undoes running-statistics updates made inside it.
+
+    Entered around the recomputation of a checkpointed stage: the recomputed forward runs batch /
+    instance norm in training mode again, which would apply the momentum update (and
+    ``num_batches_tracked += 1``) a second time. The buffers are copied on entry and written back
+    on exit, so they end exactly as after the original forward pass.
+    """
 
     def __exit__(
         self,
