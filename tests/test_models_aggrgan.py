@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import warnings
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -214,4 +213,3 @@ def test_experiment_trains_and_exports_every_generator(tmp_path):
         assert exported.sample(2, seed=0).shape == (2, 1, 64, 64)
     ckpt = medgen.load(tmp_path / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(ckpt.sample(2, seed=0), exported.sample(2, seed=0))
-    L.seed_everything(0)

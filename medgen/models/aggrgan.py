@@ -636,7 +636,7 @@ class AGGrGAN(AdversarialModule):
                 d.parameters(), member.get("optimizer_d", member.get("optimizer_g", default))
             )
             optimizers += [opt_g, opt_d]
-            schedulers += [s for s in (self.build_scheduler(opt_g), self.build_scheduler(opt_d))]
+            schedulers += [self.build_scheduler(opt_g), self.build_scheduler(opt_d)]
         if schedulers[0] is None:
             return optimizers
         return optimizers, schedulers
