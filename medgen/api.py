@@ -130,7 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_dir = Path(cfg.paths.model_dir)
         _export(model, trainer, callbacks, checkpoint_dir / "last.ckpt", model_dir)
         result["model_dir"] = str(model_dir)
-        if cfg.get("num_samples", 0) > 0:
+        if cfg.get("num_samples", 0) > 0 and getattr(model, "unconditional", True):
             exported = load(model_dir)
             result["samples"] = [
                 str(p)
@@ -168,15 +168,17 @@ def write_samples(
     seed: int,
     batch_size: int = 16,
     prefix: str = "sample",
+    **sample_kwargs: Any,
 ) -> list[Path]:
     """Draw ``num_samples`` samples from ``model`` and write them as files, one per sample.
 
     2D samples become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
     3D samples become float32 NIfTI ``.nii.gz`` files with the model's voxel spacing. The same
-    seed gives byte-identical files.
+    seed gives byte-identical files. ``sample_kwargs`` go to ``model.sample`` (e.g. a diffusion
+    model's ``steps``, ``sampler``, ``guidance``).
     """
     output_dir = ensure_writable_dir(output_dir, "sample folder")
-    images = model.sample(num_samples, seed=seed, batch_size=batch_size)
+    images = model.sample(num_samples, seed=seed, batch_size=batch_size, **sample_kwargs)
     return write_images(model, images, output_dir, prefix)
 
 
@@ -254,6 +256,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     else:
         model = load(cfg.checkpoint, use_ema=cfg.get("use_ema", True))
     model = model.to(device)
+    if cfg.get("input") or not getattr(model, "unconditional", True):
+        return _translate(cfg, model)
     if hasattr(model, "write_dataset"):
         reference = read_references(cfg.reference_dir, model) if cfg.get("reference_dir") else None
         paths = model.write_dataset(
@@ -264,14 +268,53 @@ def sample(cfg: DictConfig) -> list[Path]:
             batch_size=int(cfg.get("batch_size", 16)),
         )
     else:
+        # diffusion models: sampler settings, passed only when set
+        extra = {k: cfg.get(k) for k in ("steps", "sampler", "guidance") if cfg.get(k) is not None}
         paths = write_samples(
             model,
             cfg.output_dir,
             int(cfg.num_samples),
             int(cfg.seed),
             int(cfg.get("batch_size", 16)),
+            **extra,
         )
     log.info("medgen: wrote %d samples to %s", len(paths), cfg.output_dir)
+    return paths
+
+
+def _translate(cfg: DictConfig, model: torch.nn.Module) -> list[Path]:
+    """``medgen-sample input=PATH``: translate a file or folder with a translation model."""
+    from medgen.inference import translate_files
+
+    if not hasattr(model, "translate"):
+        raise CheckpointError(
+            f"'{cfg.checkpoint}' holds a {type(model).__name__}, which does not translate images; "
+            "input= is for translation models (Pix2Pix, CycleGAN)"
+        )
+    if not cfg.get("input"):
+        raise CheckpointError(
+            f"'{cfg.checkpoint}' holds a {type(model).__name__}, which translates images: give "
+            "input=FILE_OR_FOLDER"
+        )
+    tile = cfg.get("tile", "auto")
+    tile = list(tile) if isinstance(tile, Sequence) and not isinstance(tile, str) else tile
+    margin = cfg.get("margin", "auto")
+    margin = (
+        list(margin) if isinstance(margin, Sequence) and not isinstance(margin, str) else margin
+    )
+    paths = translate_files(
+        model,
+        cfg.input,
+        cfg.output_dir,
+        direction=cfg.get("direction", "a2b"),
+        tile=tile,
+        overlap=float(cfg.get("overlap", 0.25)),
+        margin=margin,
+        deterministic=bool(cfg.get("deterministic", True)),
+        batch_tiles=int(cfg.get("batch_tiles", 1)),
+        input_preset=to_plain(cfg.input_preset) if cfg.get("input_preset") else None,
+    )
+    log.info("medgen: translated %d files into %s", len(paths), cfg.output_dir)
     return paths
 
 

@@ -183,6 +183,7 @@ def _load_ckpt(path: Path, use_ema: bool) -> torch.nn.Module:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint '{path}' does not match its model: {err}") from err
+    model.on_load_checkpoint(ckpt)  # state kept outside the state dict (e.g. image pools)
     ema = ema_state_from_checkpoint(ckpt) if use_ema else None
     if ema is not None:
         sub = model.get_submodule(ema["attribute"])

@@ -1218,6 +1218,8 @@ class PairedPhantomDataset(Dataset):
         offset: index of the first subject (disjoint ranges for disjoint splits).
         lesions: white-matter lesion count: an int, or an inclusive ``(low, high)`` range.
         noise_std: noise level (Rician for MR-like images, additive Gaussian for stains).
+        unpaired: show ``b`` of another subject (``(i + length // 2) % length``), so the pairs
+            are not aligned: training data for unpaired methods such as CycleGAN.
     """
 
     def __init__(
@@ -1233,6 +1235,7 @@ class PairedPhantomDataset(Dataset):
         offset: int = 0,
         lesions: int | tuple[int, int] = (0, 3),
         noise_std: float = 0.0,
+        unpaired: bool = False,
     ):
         if pair not in PAIRS:
             raise ValueError(f"unknown pair kind {pair!r}; valid kinds are: {', '.join(PAIRS)}")
@@ -1256,6 +1259,7 @@ class PairedPhantomDataset(Dataset):
         self.strength = strength
         self.lesions = lesions if isinstance(lesions, int) else tuple(lesions)
         self.noise_std = float(noise_std)
+        self.unpaired = bool(unpaired)
 
     @property
     def channels(self) -> int:
@@ -1272,7 +1276,19 @@ class PairedPhantomDataset(Dataset):
             raise IndexError(
                 f"index {i} out of range for a PairedPhantomDataset of length {self.length}"
             )
-        index, seed, dims = self.offset + i, self.seed, self.spatial_dims
+        index = self.offset + i
+        a, b = self._images(index)
+        if self.unpaired and self.length > 1:
+            b = self._images(self.offset + (i + self.length // 2) % self.length)[1]
+        return {
+            "a": torch.from_numpy(np.ascontiguousarray(a, dtype=_F32)),
+            "b": torch.from_numpy(np.ascontiguousarray(b, dtype=_F32)),
+            "index": index,
+        }
+
+    def _images(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The aligned ``(a, b)`` arrays of subject ``index``."""
+        seed, dims = self.seed, self.spatial_dims
         ph = _evaluate(dims, self.size, index, seed, self.lesions, smooth=True)
         if self.pair == "contrast":
             a = _shade(ph, self.source, seed, index, dims, self.noise_std, 0.0)
@@ -1288,8 +1304,4 @@ class PairedPhantomDataset(Dataset):
             parts = _stain_textures(ph, seed, index, dims)
             a = _stain_rgb(ph, "he", seed, index, dims, self.noise_std, parts)
             b = _stain_rgb(ph, "ihc", seed, index, dims, self.noise_std, parts)
-        return {
-            "a": torch.from_numpy(np.ascontiguousarray(a, dtype=_F32)),
-            "b": torch.from_numpy(np.ascontiguousarray(b, dtype=_F32)),
-            "index": index,
-        }
+        return a, b

@@ -155,12 +155,18 @@ class AdversarialModule(GenerativeModule):
         scheduler: Mapping[str, Any] | None,
         spacing: Sequence[float] | None,
         image_key: str,
-        val_features_width: int,
+        val_features_width: int | None,
     ) -> None:
         super().__init__(spatial_dims, value_range, optimizer, scheduler, spacing)
         self.automatic_optimization = False
         self.image_key = image_key
-        self.val_features = RandomConvFeatures(spatial_dims, width=val_features_width)
+        # The fixed random-conv features of ``val/mmd``; ``None`` for families that validate
+        # otherwise (translation compares outputs with their targets).
+        self.val_features = (
+            RandomConvFeatures(spatial_dims, width=val_features_width)
+            if val_features_width
+            else None
+        )
         self._val_real: list[Tensor] = []
         self._latent_rng: torch.Generator | None = None
 

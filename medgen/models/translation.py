@@ -1,0 +1,797 @@
+"""Image-to-image translation (2D/3D): pix2pix, Pyramid pix2pix and CycleGAN (with COMI's terms).
+
+Isola et al., "Image-to-Image Translation with Conditional Adversarial Networks" (pix2pix), CVPR
+2017; Liu et al., "BCI: Breast Cancer Immunohistochemical Image Generation through Pyramid Pix2pix",
+CVPR-W 2022 (arXiv 2204.11425; the pyramid loss); Zhu et al., "Unpaired Image-to-Image Translation
+using Cycle-Consistent Adversarial Networks" (CycleGAN), ICCV 2017; Zhang et al., "Correction of
+out-of-focus microscopic images by deep learning" (COMI), Comput. Struct. Biotechnol. J. 20, 2022.
+
+The nets live in :mod:`medgen.nets.translation`, the losses in :mod:`medgen.losses`; this module
+owns the optimisation steps, validation against targets and deterministic (optionally tiled)
+inference. Unlike the reference code, the models keep any number of channels and any intensity
+range, run in 3D, and translate in evaluation mode by default (no dropout, running batch-norm
+statistics), so the same input always gives the same output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medgen.inference import tiled_apply
+from medgen.losses.adversarial import adversarial_loss, check_gan_loss, gradient_penalty
+from medgen.losses.perceptual import PerceptualLoss
+from medgen.losses.pyramid import PyramidL1Loss
+from medgen.metrics import PairwiseMetrics
+from medgen.models.gan import DEFAULT_GAN_OPTIMIZER, AdversarialModule, build_net, has_batch_norm
+from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
+from medgen.utils.image_pool import ImagePool
+
+log = logging.getLogger(__name__)
+
+#: GAN modes of the reference code, and the loss of :mod:`medgen.losses.adversarial` each uses.
+GAN_MODES: dict[str, str] = {
+    "vanilla": "vanilla",
+    "lsgan": "lsgan",
+    "wgangp": "wgan",
+    "hinge": "hinge",
+}
+#: Default tile of :meth:`TranslationModule.translate` per spatial dimensionality.
+AUTO_TILE = {2: 512, 3: 128}
+
+DEFAULT_RESNET: dict[str, Any] = {"_target_": "medgen.nets.ResnetGenerator", "n_blocks": 9}
+DEFAULT_PATCHGAN: dict[str, Any] = {"_target_": "medgen.nets.NLayerDiscriminator", "n_layers": 3}
+
+
+def gan_mode_loss(gan_mode: str) -> str:
+    """The :mod:`medgen.losses.adversarial` loss of a pix2pix/CycleGAN ``gan_mode``."""
+    if gan_mode not in GAN_MODES:
+        raise ValueError(f"unknown gan_mode {gan_mode!r}; valid: {', '.join(GAN_MODES)}")
+    return check_gan_loss(GAN_MODES[gan_mode])
+
+
+def size_multiple(net: nn.Module) -> int:
+    """The factor every spatial size must be divisible by for ``net`` (1 when unconstrained)."""
+    from medgen.nets.translation import ResnetGenerator, UnetGenerator
+
+    if isinstance(net, UnetGenerator):
+        return 2**net.num_downs
+    if isinstance(net, ResnetGenerator):
+        return 4
+    return int(getattr(net, "size_multiple", 1))
+
+
+def _net_config(
+    config: Mapping[str, Any] | None, default: Mapping[str, Any], **fill: Any
+) -> dict[str, Any]:
+    config = dict(config or default)
+    for key, value in fill.items():
+        config.setdefault(key, value)
+    return config
+
+
+@contextlib.contextmanager
+def inference_mode(net: nn.Module, deterministic: bool = True) -> Iterator[nn.Module]:
+    """Run ``net`` for inference, restoring its mode (and statistics) afterwards.
+
+    ``deterministic=True`` puts it in eval mode: no dropout, running batch-norm statistics.
+    ``deterministic=False`` reproduces the reference code's default test behaviour (dropout on,
+    batch statistics of the input); the running statistics that training mode updates are
+    restored on exit, so inference never changes the model.
+    """
+    was_training = net.training
+    snapshot = _BufferSnapshot(_tracked_stat_buffers([net]))
+    snapshot.__enter__()
+    net.train(not deterministic)
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+        with torch.no_grad():
+            for buffer, saved in zip(snapshot.buffers, snapshot.saved, strict=True):
+                buffer.copy_(saved)
+
+
+def _resolve_tile(
+    tile: int | Sequence[int] | str | None, spatial: Sequence[int], multiple: int, dims: int
+) -> tuple[int, ...] | None:
+    """Tile size per axis, or ``None`` when the image is processed whole."""
+    if tile in (None, 0, "none", "whole"):
+        return None
+    if tile == "auto":
+        tile = AUTO_TILE[dims]
+    if isinstance(tile, str):
+        raise ValueError(f"tile must be an int, a list of ints, 'auto' or null, got {tile!r}")
+    sizes = [int(tile)] * dims if isinstance(tile, int) else [int(t) for t in tile]
+    if len(sizes) != dims or any(t < 1 for t in sizes):
+        raise ValueError(f"tile must be {dims} positive sizes, got {tile!r}")
+    if all(s <= t for s, t in zip(spatial, sizes, strict=True)):
+        return None  # one tile covers the image: run it whole (exactly fn(x))
+    # Whole multiples of the net's factor, no larger than needed along short axes.
+    return tuple(
+        max(multiple, (min(t, s) // multiple) * multiple)
+        for s, t in zip(spatial, sizes, strict=True)
+    )
+
+
+class TranslationModule(AdversarialModule):
+    """What pix2pix and CycleGAN share: units, padding to the nets' size multiple, validation
+    against targets, deterministic and tiled translation.
+
+    Batches are dicts with a source image under ``source_key`` (``"a"``) and its target (or, for
+    unpaired training, an image of the target domain) under ``target_key`` (``"b"``), both in
+    data units (``value_range``); the nets see them mapped to [-1, 1]. Validation translates
+    the source and compares the output with the target (PSNR, SSIM, MS-SSIM, MAE, Pearson r as
+    ``val/...``), so validation data must be aligned pairs.
+    """
+
+    #: Translation models map an input to an output; they draw no unconditional samples.
+    unconditional = False
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        gan_mode: str,
+        gp_weight: float,
+        optimizer_g: Mapping[str, Any] | None,
+        optimizer_d: Mapping[str, Any] | None,
+        scheduler: Mapping[str, Any] | None,
+        value_range: Sequence[float],
+        spacing: Sequence[float] | None,
+        source_key: str,
+        target_key: str,
+        num_log_images: int,
+    ) -> None:
+        optimizer_g = dict(optimizer_g or DEFAULT_GAN_OPTIMIZER)
+        super().__init__(
+            spatial_dims, value_range, optimizer_g, scheduler, spacing, source_key, None
+        )
+        self.loss_mode = gan_mode_loss(gan_mode)
+        self.gp_weight = float(gp_weight) if gan_mode == "wgangp" else 0.0
+        if self.gp_weight < 0:
+            raise ValueError(f"gp_weight must be >= 0, got {gp_weight}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.optimizer_d_config = dict(optimizer_d or optimizer_g)
+        self.source_key, self.target_key = source_key, target_key
+        self.num_log_images = num_log_images
+        metrics = ("psnr", "ssim", "ms_ssim", "mae", "pearson_r")
+        self.val_metrics = PairwiseMetrics(
+            data_range=self.data_range, spatial_dims=spatial_dims, metrics=metrics, prefix="val/"
+        )
+        self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
+        self._plateau_warned = False
+
+    # ----------------------------------------------------------------- nets
+    def generator_for(self, direction: str = "a2b") -> nn.Module:
+        """The generator translating in ``direction`` (``"a2b"``; CycleGAN also ``"b2a"``)."""
+        raise NotImplementedError
+
+    def check_discriminator(self, discriminator: nn.Module) -> None:
+        """Refuse batch norm in ``discriminator`` under the (per-sample) gradient penalty."""
+        if self.gp_weight > 0 and has_batch_norm(discriminator):
+            raise ValueError(
+                "gan_mode=wgangp adds a per-sample gradient penalty, which batch norm in the "
+                "discriminator breaks (batch statistics couple the samples); set the "
+                "discriminator's norm to instance or none"
+            )
+
+    @property
+    def ema_step(self) -> int:
+        """Generator steps taken: an EMA callback averages once per generator step."""
+        return int(self.generator_steps)
+
+    def configure_optimizers(self):
+        opt_g = self.build_optimizer(self.generator_parameters())
+        opt_d = self.build_optimizer(self.discriminator_parameters(), self.optimizer_d_config)
+        sched_g, sched_d = self.build_scheduler(opt_g), self.build_scheduler(opt_d)
+        if sched_g is None:
+            return [opt_g, opt_d]
+        return [opt_g, opt_d], [sched_g, sched_d]
+
+    def generator_parameters(self) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    def step_schedulers(self, interval: str) -> None:
+        """Step the schedulers of this ``interval``; a plateau scheduler gets its monitored value."""
+        config = self.scheduler_config or {}
+        if not config or config.get("interval", "epoch") != interval:
+            return
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor = config.get("monitor", "val/mae")
+                value = self.trainer.callback_metrics.get(monitor)
+                if value is None:
+                    if not self._plateau_warned:
+                        log.warning("plateau lr policy: %r was not logged; lr unchanged", monitor)
+                        self._plateau_warned = True
+                    continue
+                scheduler.step(float(value))
+            else:
+                scheduler.step()
+
+    # ----------------------------------------------------------------- batches
+    def _pair(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """The batch's source and target images, checked against the nets' channels."""
+        for key in (self.source_key, self.target_key):
+            if key not in batch:
+                raise KeyError(
+                    f"batch has no '{key}' image (keys: {sorted(batch)}); set the model's "
+                    "source_key/target_key or use a paired/unpaired dataset"
+                )
+        a, b = batch[self.source_key], batch[self.target_key]
+        for name, x, channels in (
+            ("source", a, self.in_channels),
+            ("target", b, self.out_channels),
+        ):
+            if x.ndim != self.spatial_dims + 2 or x.shape[1] != channels:
+                raise ValueError(
+                    f"{name} batch has shape {tuple(x.shape)}, expected (B, {channels}, "
+                    f"*{self.spatial_dims} spatial axes); set the model's in_channels/out_channels "
+                    "to the data's"
+                )
+        return a, b
+
+    def _run(self, generator: nn.Module, x: Tensor) -> Tensor:
+        """``generator(x)`` in net units, reflect-padding to its size multiple and cropping back."""
+        multiple = size_multiple(generator)
+        spatial = x.shape[2:]
+        pad = [(-s) % multiple for s in spatial]
+        if not any(pad):
+            return generator(x)
+        flat: list[int] = []
+        for p in reversed(pad):  # F.pad lists the last axis first
+            flat += [p // 2, p - p // 2]
+        mode = "reflect" if all(p < s for p, s in zip(pad, spatial, strict=True)) else "replicate"
+        out = generator(F.pad(x, flat, mode=mode))
+        index = [slice(None), slice(None)] + [
+            slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial, strict=True)
+        ]
+        return out[tuple(index)]
+
+    # ----------------------------------------------------------------- validation
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        a, b = self._pair(batch)
+        out = self.to_data(self._run(self.generator_for("a2b"), self.to_net(a)))
+        self.val_metrics.update(out.float(), b.float())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
+
+    def log_images(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        a, b = self._pair(batch)
+        a, b = a[: self.num_log_images], b[: self.num_log_images]
+        return {"inputs": a, "outputs": self.translate(a, tile=None), "targets": b}
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def translate(
+        self,
+        x: Tensor,
+        direction: str = "a2b",
+        tile: int | Sequence[int] | str | None = "auto",
+        overlap: float = 0.25,
+        margin: int | Sequence[int] | str = "auto",
+        deterministic: bool = True,
+        batch_tiles: int = 1,
+    ) -> Tensor:
+        """Translate images ``(B, C_in, *spatial)`` (or one ``(C_in, *spatial)``) in data units.
+
+        Any spatial size works: the input is reflect-padded to the generator's size multiple and
+        the output cropped back. Images larger than ``tile`` along some axis are translated tile by
+        tile with blended overlaps (:func:`medgen.inference.tiled_apply`), so memory follows the
+        tile size, not the image size; smaller ones are translated whole.
+
+        Args:
+            x: Source images in data units, on any device (the output comes back there).
+            direction: ``"a2b"``, or ``"b2a"`` for a CycleGAN.
+            tile: Tile size (one int or one per axis); ``"auto"`` is 512 in 2D and 128 in 3D;
+                ``None`` translates the whole image at once.
+            overlap: Fraction of a tile shared with each neighbour.
+            margin: Voxels discarded at tile edges facing another tile (the net saw no context
+                beyond them); ``"auto"`` is half the overlap.
+            deterministic: Eval mode (no dropout, running statistics; the default). ``False``
+                reproduces the reference code's test mode (dropout and batch statistics on),
+                without changing the stored statistics.
+            batch_tiles: Tiles per generator call.
+
+        Returns:
+            ``(B, C_out, *spatial)`` float32 in data units (``(C_out, *spatial)`` for one image).
+        """
+        single = x.ndim == self.spatial_dims + 1
+        if single:
+            x = x.unsqueeze(0)
+        expected = self.in_channels if direction == "a2b" else self.out_channels
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != expected:
+            raise ValueError(
+                f"expected {self.spatial_dims}D images with {expected} channel(s), shaped "
+                f"(B, {expected}, *spatial), got {tuple(x.shape)}"
+            )
+        generator = self.generator_for(direction)
+        multiple = size_multiple(generator)
+        tiles = _resolve_tile(tile, x.shape[2:], multiple, self.spatial_dims)
+
+        def fn(t: Tensor) -> Tensor:
+            t = self.to_net(t.to(self.device, self.dtype))
+            return self._run(generator, t).float()
+
+        with inference_mode(generator, deterministic):
+            if tiles is None:
+                out = fn(x).to(x.device)
+            else:
+                if margin == "auto":
+                    margin = [int(overlap * t) // 2 for t in tiles]
+                out = tiled_apply(
+                    fn,
+                    x,
+                    tiles,
+                    overlap=overlap,
+                    batch_tiles=batch_tiles,
+                    margin=margin,
+                    output_device=x.device,
+                    accumulate_dtype=torch.float32,
+                )
+        out = self.to_data(out)
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, seed: int | None = None, **kwargs: Any) -> Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} translates images (translate, or medgen-sample input=PATH); "
+            "it draws no unconditional samples"
+        )
+
+
+class Pix2Pix(TranslationModule):
+    """Conditional GAN ``G: a -> b`` with a conditional PatchGAN ``D(a, b)`` and an L1 or pyramid term.
+
+    Per batch (pix2pix, Isola et al. 2017, eq. 4): ``fake = G(a)``; one discriminator step on
+    ``0.5 * (loss(D(a, b), real) + loss(D(a, fake), fake))`` (plus ``gp_weight`` times the
+    per-sample gradient penalty in ``wgangp`` mode); then one generator step on
+    ``loss(D(a, fake), real) + reconstruction`` where reconstruction is ``lambda_l1 * |fake - b|``
+    (``reconstruction="l1"``, 100 in the paper) or the BCI paper's multi-scale
+    :class:`~medgen.losses.PyramidL1Loss` (``reconstruction="pyramid"``: L1 at full resolution and
+    on three successively blurred and halved copies, each weighted 25, Liu et al. 2022). L1 is
+    computed in the nets' [-1, 1] units, as upstream.
+
+    Args:
+        generator: Net config of ``G`` (default ResNet-9; ``spatial_dims``, ``in_channels``,
+            ``out_channels`` filled in).
+        discriminator: Net config of ``D`` (default the 70x70 PatchGAN); its ``in_channels`` is
+            ``in_channels + out_channels`` (input and output concatenated).
+        spatial_dims: 2 or 3.
+        in_channels: Channels of the source images.
+        out_channels: Channels of the target images.
+        gan_mode: ``"vanilla"`` (BCE with logits), ``"lsgan"`` (least squares), ``"wgangp"``
+            (Wasserstein with gradient penalty) or ``"hinge"``.
+        gp_weight: Gradient-penalty weight in ``wgangp`` mode (10, Gulrajani et al. 2017).
+        reconstruction: ``"l1"`` or ``"pyramid"``.
+        lambda_l1: Weight of the L1 term (``reconstruction="l1"``).
+        pyramid: Keyword arguments of :class:`~medgen.losses.PyramidL1Loss` (``num_levels`` 4,
+            ``level_weights`` 25, ...).
+        init_type: Initialisation of both nets (``normal``, ``xavier``, ``kaiming``,
+            ``orthogonal``; ``None`` keeps PyTorch's).
+        init_gain: Scale of ``normal``/``xavier``/``orthogonal`` initialisation.
+        optimizer_g: Optimiser config of ``G`` (Adam 2e-4, betas (0.5, 0.999)).
+        optimizer_d: Optimiser config of ``D`` (default: ``optimizer_g``).
+        scheduler: Optional scheduler config, one instance per optimiser, stepped every epoch,
+            e.g. :func:`medgen.utils.schedulers.lr_policy` (``policy: linear``).
+        source_key: Batch key of the source images.
+        target_key: Batch key of the target images.
+        value_range: Data range of the images.
+        spacing: Voxel spacing of written 3D outputs.
+        num_log_images: Images per validation grid.
+    """
+
+    export_modules = ("generator",)
+
+    def __init__(
+        self,
+        generator: Mapping[str, Any] | None = None,
+        discriminator: Mapping[str, Any] | None = None,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        gan_mode: str = "vanilla",
+        gp_weight: float = 10.0,
+        reconstruction: str = "l1",
+        lambda_l1: float = 100.0,
+        pyramid: Mapping[str, Any] | None = None,
+        init_type: str | None = "normal",
+        init_gain: float = 0.02,
+        optimizer_g: Mapping[str, Any] | None = None,
+        optimizer_d: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        source_key: str = "a",
+        target_key: str = "b",
+        value_range: Sequence[float] = (0.0, 1.0),
+        spacing: Sequence[float] | None = None,
+        num_log_images: int = 8,
+    ) -> None:
+        super().__init__(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            gan_mode,
+            gp_weight,
+            optimizer_g,
+            optimizer_d,
+            scheduler,
+            value_range,
+            spacing,
+            source_key,
+            target_key,
+            num_log_images,
+        )
+        self.save_hyperparameters()
+        if reconstruction not in ("l1", "pyramid"):
+            raise ValueError(f"reconstruction must be 'l1' or 'pyramid', got {reconstruction!r}")
+        self.generator = build_net(
+            _net_config(
+                generator, DEFAULT_RESNET, in_channels=in_channels, out_channels=out_channels
+            ),
+            spatial_dims,
+            "generator",
+        )
+        self.discriminator = build_net(
+            {**dict(discriminator or DEFAULT_PATCHGAN), "in_channels": in_channels + out_channels},
+            spatial_dims,
+            "discriminator",
+        )
+        self.check_discriminator(self.discriminator)
+        if init_type:
+            init_weights(self.generator, init_type, init_gain)
+            init_weights(self.discriminator, init_type, init_gain)
+        self.reconstruction = reconstruction
+        self.lambda_l1 = float(lambda_l1)
+        self.pyramid = (
+            PyramidL1Loss(spatial_dims, **dict(pyramid or {}))
+            if reconstruction == "pyramid"
+            else None
+        )
+
+    def generator_for(self, direction: str = "a2b") -> nn.Module:
+        if direction != "a2b":
+            raise ValueError(f"Pix2Pix translates a2b only, got direction={direction!r}")
+        return self.generator
+
+    def generator_parameters(self) -> Iterator[nn.Parameter]:
+        return self.generator.parameters()
+
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        return self.discriminator.parameters()
+
+    def reconstruction_loss(self, fake: Tensor, target: Tensor) -> Tensor:
+        """The L1 (weighted by ``lambda_l1``) or pyramid term, in net units."""
+        if self.pyramid is not None:
+            return self.pyramid(fake.float(), target.float())
+        return self.lambda_l1 * F.l1_loss(fake.float(), target.float())
+
+    def discriminator_loss(self, a: Tensor, b: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """``0.5 * (D real + D fake)`` (+ gradient penalty) on concatenated pairs."""
+        real_pair, fake_pair = torch.cat([a, b], 1), torch.cat([a, fake.detach()], 1)
+        terms = {
+            "d_real": adversarial_loss(self.discriminator(real_pair), True, self.loss_mode),
+            "d_fake": adversarial_loss(self.discriminator(fake_pair), False, self.loss_mode),
+        }
+        total = 0.5 * (terms["d_real"] + terms["d_fake"])
+        if self.gp_weight > 0:
+            terms["gp"] = gradient_penalty(self.discriminator, real_pair, fake_pair)
+            total = total + self.gp_weight * terms["gp"]
+        terms["d_loss"] = total
+        return terms
+
+    def generator_loss(self, a: Tensor, b: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """Adversarial + reconstruction terms of the generator step."""
+        logits = self.discriminator(torch.cat([a, fake], 1))
+        terms = {
+            "g_gan": adversarial_loss(logits, True, self.loss_mode, for_discriminator=False),
+            "g_rec": self.reconstruction_loss(fake, b),
+        }
+        terms["g_loss"] = terms["g_gan"] + terms["g_rec"]
+        return terms
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        a, b = self._pair(batch)
+        a, b = self.to_net(a), self.to_net(b)
+        opt_g, opt_d = self.optimizers()
+        fake = self._run(self.generator, a)
+
+        self.toggle_optimizer(opt_d)
+        d_terms = self.discriminator_loss(a, b, fake)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_terms["d_loss"])
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        self.toggle_optimizer(opt_g)  # D gets no parameter gradients in the generator step
+        g_terms = self.generator_loss(a, b, fake)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_terms["g_loss"])
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.generator_steps += 1
+        self.step_schedulers("step")
+        self.log("train/g_loss", g_terms.pop("g_loss").detach(), prog_bar=True)
+        self.log_dict({f"train/{k}": v.detach() for k, v in {**d_terms, **g_terms}.items()})
+
+
+class CycleGAN(TranslationModule):
+    """Two generators ``G_ab``, ``G_ba`` and two discriminators ``D_a``, ``D_b`` on unpaired data.
+
+    Generator step (Zhu et al. 2017, eq. 3, with the identity term of their Sec. 5.2), with
+    ``fake_b = G_ab(a)``, ``rec_a = G_ba(fake_b)``, ``fake_a = G_ba(b)``, ``rec_b = G_ab(fake_a)``::
+
+        adv_weight * [loss(D_b(fake_b), real) + loss(D_a(fake_a), real)]
+        + lambda_a |rec_a - a| + lambda_b |rec_b - b|
+        + lambda_identity * (lambda_b |G_ab(b) - b| + lambda_a |G_ba(a) - a|)
+        + adv_cycle_weight * [loss(D_a(rec_a), real) + loss(D_b(rec_b), real)]          (COMI)
+        + perceptual_weight * [P(fake_b, a) + P(rec_a, a) + P(fake_a, b) + P(rec_b, b)]  (COMI)
+
+    where ``P`` is the VGG perceptual distance (:class:`~medgen.losses.PerceptualLoss`, local
+    weights; COMI uses VGG-19 block3_conv3 on the translated and the cycle-reconstructed images,
+    compared here with the image they came from, the content they must keep). Then one step of
+    both discriminators on ``0.5 * (loss(D(real), real) + loss(D(pool(fake)), fake))`` each, the
+    fakes drawn from an :class:`~medgen.utils.image_pool.ImagePool` of the last ``pool_size``
+    generated images. The pools travel with the checkpoint.
+
+    Args:
+        generator: Net config of ``G_ab`` (default ResNet-9; channels filled in).
+        generator_ba: Net config of ``G_ba`` (default: the same as ``generator`` with the
+            channels swapped).
+        discriminator: Net config of ``D_a`` and ``D_b`` (default the 70x70 PatchGAN).
+        spatial_dims: 2 or 3.
+        in_channels: Channels of domain ``a``.
+        out_channels: Channels of domain ``b``.
+        gan_mode: ``"lsgan"`` (default, as CycleGAN), ``"vanilla"``, ``"wgangp"`` or ``"hinge"``.
+        gp_weight: Gradient-penalty weight in ``wgangp`` mode.
+        lambda_a: Cycle weight ``a -> b -> a`` (10).
+        lambda_b: Cycle weight ``b -> a -> b`` (10).
+        lambda_identity: Identity weight relative to the cycle weights (0.5; 0 = off; needs
+            ``in_channels == out_channels``).
+        adv_weight: Weight of the adversarial terms on translated images (1; COMI 1e-3).
+        adv_cycle_weight: Weight of adversarial terms on cycle-reconstructed images (0; COMI 1e-3).
+        perceptual: Keyword arguments of :class:`~medgen.losses.PerceptualLoss` (e.g.
+            ``arch: vgg19``, ``layers: [block3_conv3]``, ``weights_path``), or ``None``.
+        perceptual_weight: Weight of the perceptual terms (COMI 1).
+        pool_size: Size of each image pool (50; 0 = no pool).
+        init_type: Initialisation of all nets (``None`` keeps PyTorch's).
+        init_gain: Scale of the initialisation.
+        optimizer_g: Optimiser config of both generators (Adam 2e-4, betas (0.5, 0.999)).
+        optimizer_d: Optimiser config of both discriminators (default: ``optimizer_g``).
+        scheduler: Optional scheduler config (see :class:`Pix2Pix`).
+        source_key: Batch key of domain ``a`` images.
+        target_key: Batch key of domain ``b`` images.
+        value_range: Data range of the images (both domains).
+        spacing: Voxel spacing of written 3D outputs.
+        num_log_images: Images per validation grid.
+    """
+
+    export_modules = ("generator_ab", "generator_ba")
+
+    def __init__(
+        self,
+        generator: Mapping[str, Any] | None = None,
+        generator_ba: Mapping[str, Any] | None = None,
+        discriminator: Mapping[str, Any] | None = None,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        gan_mode: str = "lsgan",
+        gp_weight: float = 10.0,
+        lambda_a: float = 10.0,
+        lambda_b: float = 10.0,
+        lambda_identity: float = 0.5,
+        adv_weight: float = 1.0,
+        adv_cycle_weight: float = 0.0,
+        perceptual: Mapping[str, Any] | None = None,
+        perceptual_weight: float = 1.0,
+        pool_size: int = 50,
+        init_type: str | None = "normal",
+        init_gain: float = 0.02,
+        optimizer_g: Mapping[str, Any] | None = None,
+        optimizer_d: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        source_key: str = "a",
+        target_key: str = "b",
+        value_range: Sequence[float] = (0.0, 1.0),
+        spacing: Sequence[float] | None = None,
+        num_log_images: int = 8,
+    ) -> None:
+        super().__init__(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            gan_mode,
+            gp_weight,
+            optimizer_g,
+            optimizer_d,
+            scheduler,
+            value_range,
+            spacing,
+            source_key,
+            target_key,
+            num_log_images,
+        )
+        self.save_hyperparameters()
+        if lambda_identity > 0 and in_channels != out_channels:
+            raise ValueError(
+                f"the identity term feeds domain b images ({out_channels} channels) to G_ab, "
+                f"which takes {in_channels}; set lambda_identity: 0 for domains whose channels "
+                "differ"
+            )
+        g_ab = _net_config(
+            generator, DEFAULT_RESNET, in_channels=in_channels, out_channels=out_channels
+        )
+        g_ba = dict(generator_ba) if generator_ba else dict(g_ab)
+        if not generator_ba:
+            g_ba["in_channels"], g_ba["out_channels"] = out_channels, in_channels
+        self.generator_ab = build_net(g_ab, spatial_dims, "generator")
+        self.generator_ba = build_net(g_ba, spatial_dims, "generator_ba")
+        d_config = dict(discriminator or DEFAULT_PATCHGAN)
+        self.discriminator_a = build_net(
+            {**d_config, "in_channels": in_channels}, spatial_dims, "discriminator"
+        )
+        self.discriminator_b = build_net(
+            {**d_config, "in_channels": out_channels}, spatial_dims, "discriminator"
+        )
+        self.check_discriminator(self.discriminator_a)
+        if init_type:
+            for net in self._nets():
+                init_weights(net, init_type, init_gain)
+        self.lambda_a, self.lambda_b = float(lambda_a), float(lambda_b)
+        self.lambda_identity = float(lambda_identity)
+        self.adv_weight, self.adv_cycle_weight = float(adv_weight), float(adv_cycle_weight)
+        self.perceptual_weight = float(perceptual_weight)
+        self.perceptual = (
+            PerceptualLoss(spatial_dims, value_range=(-1.0, 1.0), **dict(perceptual))
+            if perceptual is not None and perceptual_weight > 0
+            else None
+        )
+        if self.perceptual is not None and in_channels != out_channels:
+            raise ValueError(
+                "the perceptual terms compare translated images with their sources and need "
+                f"in_channels == out_channels, got {in_channels} and {out_channels}"
+            )
+        self.pool_size = int(pool_size)
+        self.pool_a = ImagePool(self.pool_size, torch.Generator().manual_seed(0))
+        self.pool_b = ImagePool(self.pool_size, torch.Generator().manual_seed(1))
+
+    def _nets(self) -> tuple[nn.Module, ...]:
+        return (self.generator_ab, self.generator_ba, self.discriminator_a, self.discriminator_b)
+
+    def generator_for(self, direction: str = "a2b") -> nn.Module:
+        if direction == "a2b":
+            return self.generator_ab
+        if direction == "b2a":
+            return self.generator_ba
+        raise ValueError(f"direction must be 'a2b' or 'b2a', got {direction!r}")
+
+    def generator_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.generator_ab.parameters()
+        yield from self.generator_ba.parameters()
+
+    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.discriminator_a.parameters()
+        yield from self.discriminator_b.parameters()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # Pool draws follow the run's seed (and differ between ranks).
+        seed = torch.initial_seed() + 7_919 * self.global_rank
+        for i, pool in enumerate((self.pool_a, self.pool_b)):
+            if pool.generator is not None and not len(pool):
+                pool.generator.manual_seed((seed + i) % 2**63)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["image_pools"] = [self.pool_a.state_dict(), self.pool_b.state_dict()]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pools = checkpoint.get("image_pools")
+        if pools:
+            self.pool_a.load_state_dict(pools[0])
+            self.pool_b.load_state_dict(pools[1])
+
+    # ----------------------------------------------------------------- losses
+    def _gen_adv(self, discriminator: nn.Module, fake: Tensor) -> Tensor:
+        return adversarial_loss(discriminator(fake), True, self.loss_mode, for_discriminator=False)
+
+    def generator_loss(self, a: Tensor, b: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Generator terms (net units) and the translated ``fake_a``, ``fake_b`` (with graph)."""
+        fake_b = self._run(self.generator_ab, a)
+        rec_a = self._run(self.generator_ba, fake_b)
+        fake_a = self._run(self.generator_ba, b)
+        rec_b = self._run(self.generator_ab, fake_a)
+        terms = {
+            "g_ab": self._gen_adv(self.discriminator_b, fake_b),
+            "g_ba": self._gen_adv(self.discriminator_a, fake_a),
+            "cycle_a": F.l1_loss(rec_a.float(), a.float()),
+            "cycle_b": F.l1_loss(rec_b.float(), b.float()),
+        }
+        total = self.adv_weight * (terms["g_ab"] + terms["g_ba"])
+        total = total + self.lambda_a * terms["cycle_a"] + self.lambda_b * terms["cycle_b"]
+        if self.lambda_identity > 0:
+            terms["idt_b"] = F.l1_loss(self._run(self.generator_ab, b).float(), b.float())
+            terms["idt_a"] = F.l1_loss(self._run(self.generator_ba, a).float(), a.float())
+            total = total + self.lambda_identity * (
+                self.lambda_b * terms["idt_b"] + self.lambda_a * terms["idt_a"]
+            )
+        if self.adv_cycle_weight > 0:
+            terms["g_cycle_adv"] = self._gen_adv(self.discriminator_a, rec_a) + self._gen_adv(
+                self.discriminator_b, rec_b
+            )
+            total = total + self.adv_cycle_weight * terms["g_cycle_adv"]
+        if self.perceptual is not None and self.perceptual.enabled:
+            p = self.perceptual
+            terms["perceptual"] = p(fake_b, a) + p(rec_a, a) + p(fake_a, b) + p(rec_b, b)
+            total = total + self.perceptual_weight * terms["perceptual"]
+        terms["g_loss"] = total
+        return terms, fake_a, fake_b
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, real: Tensor, fake: Tensor
+    ) -> dict[str, Tensor]:
+        """``0.5 * (D real + D fake)`` (+ gradient penalty) of one discriminator."""
+        d_real = adversarial_loss(discriminator(real), True, self.loss_mode)
+        d_fake = adversarial_loss(discriminator(fake.detach()), False, self.loss_mode)
+        total = 0.5 * (d_real + d_fake)
+        terms = {"real": d_real, "fake": d_fake}
+        if self.gp_weight > 0:
+            terms["gp"] = gradient_penalty(discriminator, real, fake)
+            total = total + self.gp_weight * terms["gp"]
+        terms["loss"] = total
+        return terms
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        a, b = self._pair(batch)
+        a, b = self.to_net(a), self.to_net(b)
+        opt_g, opt_d = self.optimizers()
+
+        self.toggle_optimizer(opt_g)  # the discriminators get no gradients in this step
+        g_terms, fake_a, fake_b = self.generator_loss(a, b)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_terms["g_loss"])
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.toggle_optimizer(opt_d)
+        d_b = self.discriminator_loss(self.discriminator_b, b, self.pool_b.query(fake_b))
+        d_a = self.discriminator_loss(self.discriminator_a, a, self.pool_a.query(fake_a))
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_a["loss"] + d_b["loss"])
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        self.generator_steps += 1
+        self.step_schedulers("step")
+        self.log("train/g_loss", g_terms.pop("g_loss").detach(), prog_bar=True)
+        logged = {f"train/{k}": v.detach() for k, v in g_terms.items()}
+        logged.update({f"train/d_a_{k}": v.detach() for k, v in d_a.items()})
+        logged.update({f"train/d_b_{k}": v.detach() for k, v in d_b.items()})
+        self.log_dict(logged)
+
+
+__all__ = [
+    "AUTO_TILE",
+    "GAN_MODES",
+    "CycleGAN",
+    "Pix2Pix",
+    "TranslationModule",
+    "gan_mode_loss",
+    "inference_mode",
+    "size_multiple",
+]
