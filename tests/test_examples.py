@@ -34,3 +34,18 @@ def test_gan_augmentation_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with open(synthetic / "selection.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 and all(set(r["kept"].split("+")) == {"dcgan", "wgan_gp"} for r in rows)
+
+
+def test_translation_defocus_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+
+    monkeypatch.setattr(
+        sys, "argv", ["translation_defocus.py", str(tmp_path), "--epochs", "1", "--size", "16"]
+    )
+    runpy.run_path(str(EXAMPLES / "translation_defocus.py"), run_name="__main__")
+    restored = sorted(p.name for p in (tmp_path / "test" / "restored").glob("*.png"))
+    assert restored == [f"{i:03d}.png" for i in range(4)]
+    for name in ("defocused", "restored"):
+        metrics = json.loads((tmp_path / "test" / f"metrics_{name}.json").read_text())
+        assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1

@@ -202,3 +202,13 @@ def test_dataloader_batches():
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch["a"].shape == (4, 1, 16, 16, 16) and batch["b"].shape == (4, 1, 16, 16, 16)
     assert batch["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_unpaired_items_show_another_subject_in_b():
+    paired = PairedPhantomDataset(2, size=24, length=4, pair="defocus", seed=1)
+    unpaired = PairedPhantomDataset(2, size=24, length=4, pair="defocus", seed=1, unpaired=True)
+    for i in range(4):
+        torch.testing.assert_close(unpaired[i]["a"], paired[i]["a"])  # a is unchanged
+        # b is the in-focus image of subject (i + 2) % 4, not of subject i
+        torch.testing.assert_close(unpaired[i]["b"], paired[(i + 2) % 4]["b"])
+        assert not torch.equal(unpaired[i]["b"], paired[i]["b"])
