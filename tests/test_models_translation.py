@@ -409,3 +409,42 @@ def test_experiments_train_export_and_translate(experiment, overrides, tiny, tmp
     assert model.translate(x).shape == x.shape
     checkpoint = medgen.load(result["checkpoint"])
     torch.testing.assert_close(checkpoint.translate(x), model.translate(x))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "data", "keys"),
+    [
+        ("pix2pix", "paired_folder", ("data.train.a_dir", "data.train.b_dir")),
+        ("cyclegan", "unpaired_folder", ("data.train.a_source", "data.train.b_source")),
+    ],
+)
+def test_experiments_train_on_image_folders(experiment, data, keys, tmp_path):
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        for i in range(4):
+            image = rng.integers(0, 255, (1, 16, 16), dtype=np.uint8)
+            write(image, tmp_path / folder / f"img{i}.png")
+    cfg = medgen.compose(
+        "train",
+        [
+            f"experiment={experiment}",
+            f"data={data}",
+            f"{keys[0]}={tmp_path / 'a'}",
+            f"{keys[1]}={tmp_path / 'b'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "data.batch_size=2",
+            "trainer.max_epochs=1",
+            "~callbacks.progress_bar",
+            "~callbacks.image_logger",
+            "model.generator.ngf=4",
+            "model.discriminator.n_layers=1",
+            *(["model.generator.num_downs=4"] if experiment == "pix2pix" else []),
+            *(["model.generator.n_blocks=1"] if experiment == "cyclegan" else []),
+        ],
+    )
+    result = medgen.train(cfg)
+    assert int(medgen.load(result["checkpoint"]).generator_steps) == 2  # 4 images, batch 2
+    model = medgen.load(result["model_dir"])
+    assert model.value_range == (-1.0, 1.0)
+    out = translate_files(model, tmp_path / "a", tmp_path / "translated")
+    assert [read(p).meta["source_dtype"] for p in out] == ["uint8"] * 4

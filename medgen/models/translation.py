@@ -230,7 +230,12 @@ class TranslationModule(AdversarialModule):
                     f"batch has no '{key}' image (keys: {sorted(batch)}); set the model's "
                     "source_key/target_key or use a paired/unpaired dataset"
                 )
-        a, b = batch[self.source_key], batch[self.target_key]
+        # Plain tensors: MONAI MetaTensors would carry their metadata (numpy affines) into the
+        # outputs, the image pools and so into checkpoints, which then no longer load safely.
+        a, b = (
+            x.as_tensor() if hasattr(x, "as_tensor") else x
+            for x in (batch[self.source_key], batch[self.target_key])
+        )
         for name, x, channels in (
             ("source", a, self.in_channels),
             ("target", b, self.out_channels),
