@@ -1,7 +1,7 @@
 """Console scripts: thin Hydra wrappers over :mod:`medgen.api`.
 
-``medgen-train``, ``medgen-sample`` and ``medgen-eval`` accept Hydra's flags (``--cfg job``,
-``--config-dir DIR``, ``--multirun``, ``--help``) and ``key=value`` overrides.
+``medgen-train``, ``medgen-sample``, ``medgen-eval`` and ``medgen-encode`` accept Hydra's flags
+(``--cfg job``, ``--config-dir DIR``, ``--multirun``, ``--help``) and ``key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -46,3 +46,15 @@ def sample_main() -> None:
 def eval_main() -> None:
     """Entry point of ``medgen-eval``."""
     _eval()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode")
+def _encode(cfg: DictConfig) -> None:
+    from medgen.api import encode
+
+    encode(cfg)
+
+
+def encode_main() -> None:
+    """Entry point of ``medgen-encode``."""
+    _encode()

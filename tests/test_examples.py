@@ -6,6 +6,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -49,3 +50,44 @@ def test_translation_defocus_example(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for name in ("defocused", "restored"):
         metrics = json.loads((tmp_path / "test" / f"metrics_{name}.json").read_text())
         assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
+
+
+def test_diffusion_samplers_example(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    argv = ["diffusion_samplers.py", "--steps", "20", "--size", "8", "--ddpm-steps", "20"]
+    argv += ["--fast-steps", "5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest on a shared CPU
+    try:
+        runpy.run_path(str(EXAMPLES / "diffusion_samplers.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    errors = {}
+    for line in out.splitlines():
+        if line.strip().startswith("steps 100:"):
+            parts = line.split()
+            errors = {"ddim": float(parts[3]), "dpmpp_2m": float(parts[5])}
+    assert errors["dpmpp_2m"] < errors["ddim"] / 10  # second order on the exact toy
+    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+        assert f"{sampler}" in out and "(8, 1, 8, 8)" in out
+    kept = float(out.split("max |out - known| = ")[1].split()[0])
+    assert kept == 0.0
+
+
+def test_latent_cache_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["latent_cache.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "latent_cache.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "scale factor:" in out
+    assert float(out.split("scaled training latents: std")[1].split()[0]) == pytest.approx(1.0)
+    assert (tmp_path / "latents" / "latents.json").is_file()
+    assert len(list((tmp_path / "latents" / "train").glob("*.npy"))) == 8

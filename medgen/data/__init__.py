@@ -12,6 +12,7 @@ from medgen.data.datasets import (
     split_by_subject,
 )
 from medgen.data.io import MedgenIOError, list_images, read, write
+from medgen.data.latents import LatentDataset, read_latent_index
 from medgen.data.phantoms import (
     CONTRASTS,
     PairedPhantomDataset,
@@ -23,6 +24,7 @@ from medgen.data.phantoms import (
 
 __all__ = [
     "CONTRASTS",
+    "LatentDataset",
     "MedgenIOError",
     "MedicalDataModule",
     "PairedDataset",
@@ -38,6 +40,7 @@ __all__ = [
     "head_phantom_labels",
     "list_images",
     "read",
+    "read_latent_index",
     "resolve_sources",
     "split_by_subject",
     "write",

@@ -1,9 +1,21 @@
 """LightningModules, one file per model family."""
 
 from medgen.models.aggrgan import AGGrGAN
+from medgen.models.autoencoder import VQGAN, AutoencoderKL
 from medgen.models.base import GenerativeModule
+from medgen.models.diffusion import Diffusion
 from medgen.models.gan import GAN
 from medgen.models.translation import CycleGAN, Pix2Pix
 from medgen.models.vae import VAE
 
-__all__ = ["AGGrGAN", "CycleGAN", "GAN", "Pix2Pix", "VAE", "GenerativeModule"]
+__all__ = [
+    "AGGrGAN",
+    "AutoencoderKL",
+    "VQGAN",
+    "CycleGAN",
+    "Diffusion",
+    "GAN",
+    "Pix2Pix",
+    "VAE",
+    "GenerativeModule",
+]

@@ -12,6 +12,7 @@ from medgen.nets.translation import (
     receptive_field,
 )
 from medgen.nets.vae import VAENet
+from medgen.nets.vqgan import VQGANNet
 
 __all__ = [
     "DCGANDiscriminator",
@@ -24,6 +25,7 @@ __all__ = [
     "ResnetGenerator",
     "UnetGenerator",
     "VAENet",
+    "VQGANNet",
     "WGANCritic",
     "init_weights",
     "receptive_field",

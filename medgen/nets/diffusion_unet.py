@@ -93,7 +93,8 @@ class DiffusionUNet(nn.Module):
     ``conv_in → encoder → middle → decoder → GroupNorm → SiLU → zero-init conv_out``:
 
     * time embedding: ``sinusoidal(t, channels[0]) → Linear → SiLU → Linear`` to
-      ``E = 4 * channels[0]``, plus a learned class embedding when ``num_class_embeds`` is set;
+      ``E = 4 * channels[0]``, plus a learned class embedding when ``num_class_embeds`` is set,
+      plus an MLP embedding of ``K`` scalar conditions when ``num_scalar_conds = K`` is set;
       every ResBlock receives it;
     * encoder level ``i``: ``num_res_blocks[i]`` x (ResBlock ``[→ SelfAttention]
       [→ CrossAttention]``), attention where ``attention_levels[i]`` (cross-attention too when
@@ -133,6 +134,12 @@ class DiffusionUNet(nn.Module):
         dropout_cattn: Dropout probability on the cross-attention output.
         scale_shift: Inject the time embedding as GroupNorm scale and shift (ADM) instead of by
             addition (MONAI's default).
+        num_scalar_conds: Number ``K`` of scalar conditions (e.g. age, spacing, a modality code),
+            or ``None``. They are embedded by ``Linear(2K, E) → SiLU → Linear(E, E)`` applied to
+            ``[values, known]`` (NaN values count as unknown and are zeroed, ``known`` is the 0/1
+            indicator) and added to the time embedding, as MAISI adds its spacing embedding. A
+            NaN marks a missing value; all-NaN rows are the null condition of classifier-free
+            guidance. Standardise the values (e.g. age / 100) before passing them.
 
     Shapes:
         ``x``: ``(B, C_in, *spatial)`` with every spatial size divisible by
@@ -161,6 +168,7 @@ class DiffusionUNet(nn.Module):
         transformer_num_layers: int = 1,
         dropout_cattn: float = 0.0,
         scale_shift: bool = False,
+        num_scalar_conds: int | None = None,
         upcast_attention: bool = False,
         include_fc: bool = True,
         use_combined_linear: bool = False,
@@ -204,6 +212,8 @@ class DiffusionUNet(nn.Module):
             raise ValueError(f"cross_attention_dim must be positive, got {cross_attention_dim}.")
         if num_class_embeds is not None and num_class_embeds < 1:
             raise ValueError(f"num_class_embeds must be positive or None, got {num_class_embeds}.")
+        if num_scalar_conds is not None and num_scalar_conds < 1:
+            raise ValueError(f"num_scalar_conds must be positive or None, got {num_scalar_conds}.")
         if transformer_num_layers < 1:
             raise ValueError(f"transformer_num_layers must be >= 1, got {transformer_num_layers}.")
         for name, p in (("dropout", dropout), ("dropout_cattn", dropout_cattn)):
@@ -218,6 +228,7 @@ class DiffusionUNet(nn.Module):
         self.channels = tuple(channels)
         self.with_conditioning = bool(with_conditioning)
         self.num_class_embeds = num_class_embeds
+        self.num_scalar_conds = num_scalar_conds
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
         conv = conv_nd(spatial_dims)
@@ -263,6 +274,13 @@ class DiffusionUNet(nn.Module):
         )
         self.class_embedding = (
             nn.Embedding(num_class_embeds, emb_dim) if num_class_embeds is not None else None
+        )
+        self.scalar_embedding = (
+            nn.Sequential(
+                nn.Linear(2 * num_scalar_conds, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
+            if num_scalar_conds is not None
+            else None
         )
 
         self.conv_in = conv(in_channels, channels[0], 3, padding=1)
@@ -332,6 +350,7 @@ class DiffusionUNet(nn.Module):
         timesteps: Tensor,
         context: Tensor | None = None,
         class_labels: Tensor | None = None,
+        scalars: Tensor | None = None,
     ) -> Tensor:
         """Predict the network target (noise, velocity or clean sample) for ``x`` at ``timesteps``.
 
@@ -342,6 +361,8 @@ class DiffusionUNet(nn.Module):
             context: Context tokens ``(B, M, cross_attention_dim)``; required iff
                 ``with_conditioning``.
             class_labels: Integer class labels ``(B,)``; required iff ``num_class_embeds`` is set.
+            scalars: Scalar conditions ``(B, K)`` (NaN = unknown); required iff
+                ``num_scalar_conds`` is set.
 
         Returns:
             Output of shape ``(B, C_out, *spatial)``.
@@ -361,12 +382,26 @@ class DiffusionUNet(nn.Module):
             )
         if self.class_embedding is None and class_labels is not None:
             raise ValueError("Got `class_labels` but the net was built with num_class_embeds=None.")
+        if self.scalar_embedding is not None and (
+            scalars is None or scalars.shape[-1] != self.num_scalar_conds
+        ):
+            raise ValueError(
+                f"This DiffusionUNet has num_scalar_conds={self.num_scalar_conds}; pass `scalars` "
+                f"of shape (B, {self.num_scalar_conds})."
+            )
+        if self.scalar_embedding is None and scalars is not None:
+            raise ValueError("Got `scalars` but the net was built with num_scalar_conds=None.")
 
         # (B,) timesteps -> (B, E); one timestep is shared by the whole batch.
         t = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.channels[0]).to(x.dtype))
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        if self.scalar_embedding is not None:
+            values = scalars.reshape(x.shape[0], -1).to(emb.dtype)
+            known = torch.isfinite(values)
+            values = torch.where(known, values, torch.zeros_like(values))
+            emb = emb + self.scalar_embedding(torch.cat([values, known.to(values.dtype)], dim=1))
 
         h = self.conv_in(x)
         skips = [h]

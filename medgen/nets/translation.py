@@ -648,6 +648,20 @@ class NLayerDiscriminator(_StagedCheckpointMixin):
         """Map ``(B, in_channels, *spatial)`` to patch logits ``(B, 1, *patches)``."""
         return self._run_stages(self.model, self._stages, x)
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every conv stage (conv, norm, LeakyReLU), the last being the logits.
+
+        For feature matching (Wang et al., "pix2pixHD", CVPR 2018; used by the VQ-GAN of Khader
+        et al., "Medical Diffusion", 2023): ``n_layers + 2`` tensors, ``(B, C_i, *spatial_i)``,
+        ``features(x)[-1] == forward(x)``.
+        """
+        outputs = []
+        h = x
+        for start, stop in self._stages:
+            h = self._run_stage(self.model, start, stop, h)
+            outputs.append(h)
+        return outputs
+
 
 class PixelDiscriminator(_StagedCheckpointMixin):
     """1x1 PatchGAN (``pixel``): classifies each pixel/voxel independently, 2D or 3D.
