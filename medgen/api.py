@@ -173,7 +173,8 @@ def write_samples(
     """Draw ``num_samples`` samples from ``model`` and write them as files, one per sample.
 
     2D samples become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
-    3D samples become float32 NIfTI ``.nii.gz`` files with the model's voxel spacing. The same
+    3D samples become float32 NIfTI ``.nii.gz`` files with the model's voxel spacing and
+    orientation. The same
     seed gives byte-identical files. ``sample_kwargs`` go to ``model.sample`` (e.g. a diffusion
     model's ``steps``, ``sampler``, ``guidance``).
     """
@@ -191,9 +192,10 @@ def write_images(
     """Write generated images ``(N, C, *spatial)`` in ``model``'s data units, one file each.
 
     2D images become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
-    3D ones float32 NIfTI ``.nii.gz`` files with the model's voxel spacing.
+    3D ones float32 NIfTI ``.nii.gz`` files with the model's voxel spacing and orientation (its
+    ``orientation`` axis codes, e.g. those of the training data's preset; ``"RAS"`` if unset).
     """
-    from medgen.data.io import write
+    from medgen.data.io import affine_from_axcodes, write
 
     output_dir = ensure_writable_dir(output_dir, "sample folder")
     value_range = tuple(model.value_range)
@@ -201,7 +203,7 @@ def write_images(
     for i, image in enumerate(images):
         if image.ndim == 4:
             spacing = list(getattr(model, "spacing", (1.0, 1.0, 1.0)))
-            affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+            affine = affine_from_axcodes(spacing, getattr(model, "orientation", None) or "RAS")
             path = output_dir / f"{prefix}_{i:04d}.nii.gz"
             paths.append(write(image.float(), path, affine=affine))
         else:

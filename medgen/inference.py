@@ -194,6 +194,8 @@ def tiled_apply(
     padding_mode: str = "reflect",
     sigma_scale: float = 0.125,
     accumulate_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+    _discard: bool = False,
 ) -> Tensor:
     """Apply ``fn`` tile by tile and blend the overlapping outputs (sliding-window inference).
 
@@ -218,6 +220,9 @@ def tiled_apply(
     Memory: ``fn`` only ever receives tile-sized inputs, tiles are copied to ``device`` one batch at
     a time, and the only full-size buffer is the output accumulator on ``output_device`` (plus the
     result, when its dtype differs from the accumulator's); the weight sum is a product of 1D sums.
+    With ``out`` (a preallocated floating tensor, e.g. on the CPU next to a GPU ``fn``, or a
+    ``numpy.memmap`` of a file wrapped by :func:`torch.from_numpy`), the tiles are blended straight
+    into it and there is no full-size buffer at all: memory is that of one tile batch.
     When one tile covers the image exactly, the result is ``fn(x)`` itself.
 
     Args:
@@ -242,6 +247,9 @@ def tiled_apply(
         sigma_scale: Gaussian sigma as a fraction of the (output) tile size.
         accumulate_dtype: dtype of the accumulator; default float64 (float32 on MPS), which makes
             the blend of identical tile values exact after rounding; float32 halves its memory.
+        out: optional ``(B, C_out, *(spatial * scale))`` floating tensor that receives the result
+            (it is overwritten and returned; its device and dtype replace ``output_device`` and
+            ``accumulate_dtype``).
 
     Returns:
         ``(B, C_out, *(spatial * scale))`` in the dtype of ``fn``'s output, on ``output_device``.
@@ -274,6 +282,17 @@ def tiled_apply(
     device = x.device if device is None else torch.device(device)
     output_device = x.device if output_device is None else torch.device(output_device)
     out_spatial = tuple(int(n * s) for n, s in zip(spatial, scales, strict=True))
+    if out is not None:
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise ValueError(f"out must be a floating tensor, got {type(out).__name__}")
+        if out.ndim != x.ndim or out.shape[0] != batch or tuple(out.shape[2:]) != out_spatial:
+            raise ValueError(
+                f"out has shape {tuple(out.shape)}; expected ({batch}, C_out, *{out_spatial})"
+            )
+        if out_channels is not None and out.shape[1] != out_channels:
+            raise ValueError(f"out has {out.shape[1]} channels, out_channels={out_channels}")
+        out_channels = out.shape[1]
+        output_device, accumulate_dtype = out.device, out.dtype
     out_tile = tuple(int(t * s) for t, s in zip(tiles, scales, strict=True))
 
     # Per-tile padding, only along axes where the image is shorter than the tile (one tile there).
@@ -309,9 +328,18 @@ def tiled_apply(
 
     corners = tile_grid(spatial, tiles, overlap, scales)
     crop = tuple(slice(0, n) for n in out_spatial)
+    if _discard:  # only run fn on every tile (statistics passes), keep no output
+        for chunk in _chunks(corners, int(batch_tiles)):
+            inputs = [cut(c) for c in chunk]
+            fn(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+            del inputs
+        return x.new_empty((0,))
     if len(corners) == 1:  # one tile covers the image: no blending, exactly fn(x)
-        y = check(fn(cut(corners[0])), 1)
-        return y[(slice(None), slice(None), *crop)].to(output_device)
+        y = check(fn(cut(corners[0])), 1)[(slice(None), slice(None), *crop)]
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y.to(output_device)
 
     # 1D weights per axis and tile index; the weight sum is the product of their per-axis sums.
     acc_dtype = accumulate_dtype or (
@@ -334,7 +362,9 @@ def tiled_apply(
 
     acc: Tensor | None = None
     out_dtype: torch.dtype | None = None
-    if out_channels is not None:
+    if out is not None:
+        acc, out_dtype = out.zero_(), out.dtype
+    elif out_channels is not None:
         acc = torch.zeros(batch, out_channels, *out_spatial, dtype=acc_dtype, device=output_device)
     chunks: Iterable[list[tuple[int, ...]]] = list(_chunks(corners, int(batch_tiles)))
     if progress:

@@ -241,38 +241,34 @@ def tiled_apply_global_norm(
     ]
     progress = kwargs.pop("progress", False)
     with global_group_norm(module) as (_, state):
-        # 1. the order in which the norms run, and the output channels, from one tile
-        shape: list[int] = []
-
-        def discover(tile_input: Tensor) -> Tensor:
+        # 1. the order in which the norms run, from one tile
+        def discover(tile_input: Tensor) -> None:
             state.discover = True
             try:
-                y = net(tile_input)
+                net(tile_input)
             finally:
                 state.discover = False
-            shape[:] = [y.shape[0] // tile_input.shape[0], y.shape[1]]
             raise _Stop
 
         with contextlib.suppress(_Stop):
-            tiled_apply(discover, x, tile, overlap, scale, **kwargs)
-        out_tile = [int(t * s) for t, s in zip(tiles, scales, strict=True)]
+            tiled_apply(discover, x, tile, overlap, scale, _discard=True, **kwargs)
 
         # 2. every norm's statistics, layer by layer, each forward stopping at the measured norm
         for norm in list(state.order):
             order = iter(corners)
 
-            def measure(tile_input: Tensor, order=order) -> Tensor:
+            def measure(tile_input: Tensor, order=order) -> None:
                 corner = next(order)
                 state.axes = [
                     (*cores[a][c], c, t) for a, (c, t) in enumerate(zip(corner, tiles, strict=True))
                 ]
                 with contextlib.suppress(_Stop):
                     net(tile_input)
-                return tile_input.new_zeros(tile_input.shape[0], shape[1], *out_tile)
 
             state.record, state.target = True, norm
             try:
-                tiled_apply(measure, x, tile, overlap, scale, **kwargs)
+                # No output is assembled in the statistics passes: memory stays one tile's.
+                tiled_apply(measure, x, tile, overlap, scale, _discard=True, **kwargs)
             finally:
                 state.record, state.target, state.axes = False, None, []
             norm.freeze()

@@ -174,3 +174,28 @@ def test_bad_arguments():
         tiled_apply(lambda t: t, x[0], tile=8)
     with pytest.raises(ValueError, match="tile must be"):
         tiled_apply(lambda t: t, x, tile=(8, 8, 8))
+
+
+def test_out_receives_the_blend_without_a_full_size_buffer(tmp_path):
+    """``out=`` gives the same result as the returned buffer, also in a ``.npy`` memmap."""
+    import numpy as np
+
+    net = _two_convs(2).eval()
+    x = torch.rand(1, 2, 40, 52, generator=torch.Generator().manual_seed(0))
+    expected = tiled_apply(net, x, tile=16, overlap=0.5, accumulate_dtype=torch.float32)
+    out = torch.full((1, 3, 40, 52), float("nan"))
+    result = tiled_apply(net, x, tile=16, overlap=0.5, out=out)
+    assert result is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    mapped = np.lib.format.open_memmap(tmp_path / "y.npy", "w+", np.float32, (1, 3, 40, 52))
+    tiled_apply(net, x, tile=16, overlap=0.5, out=torch.from_numpy(mapped))
+    mapped.flush()
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected)
+    # one tile (padded, then cropped): copied into out
+    one = torch.empty(1, 3, 40, 52)
+    tiled_apply(net, x, tile=64, out=one)
+    torch.testing.assert_close(one, tiled_apply(net, x, tile=64), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out has shape"):
+        tiled_apply(net, x, tile=16, out=torch.empty(1, 3, 40, 50))
+    with pytest.raises(ValueError, match="floating"):
+        tiled_apply(net, x, tile=16, out=torch.empty(1, 3, 40, 52, dtype=torch.int32))

@@ -178,6 +178,23 @@ def test_multi_tile_decode_seam_error_is_bounded():
     assert global_stats < per_tile / 3
 
 
+def test_decode_into_a_preallocated_output_equals_the_returned_volume():
+    model = _kl(3).eval()
+    _randomise(model.net.decoder, seed=1)
+    z = torch.randn(1, 2, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    for norm_stats in ("global", "tile"):
+        expected = model.decode(z, tile=8, overlap=0.5, norm_stats=norm_stats)
+        out = torch.full_like(expected, float("nan"))
+        assert model.decode(z, tile=8, overlap=0.5, norm_stats=norm_stats, out=out) is out
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    whole = torch.empty_like(expected)
+    torch.testing.assert_close(model.decode(z, out=whole), model.decode(z), rtol=0, atol=0)
+    x = model.decode(z)
+    latent = torch.empty(1, 2, 12, 12, 12)
+    assert model.encode(x, tile=16, out=latent) is latent
+    torch.testing.assert_close(latent, model.encode(x, tile=16), rtol=0, atol=0)
+
+
 def test_tiled_encode_with_margin_over_the_receptive_field_is_exact():
     """A fresh net's ResBlocks are identities, so its receptive field is small: a margin of 4
     voxels covers it, and with whole-image GroupNorm statistics tiles reproduce whole encoding;

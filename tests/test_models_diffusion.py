@@ -6,6 +6,7 @@ import functools
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -231,6 +232,33 @@ def test_spacing_comes_from_a_metatensor_batch():
     model._record_batch(x, model.encode(x.as_tensor()))
     assert model.spacing == pytest.approx((0.8, 0.9, 2.0))
     assert model.hparams["spacing"] == pytest.approx([0.8, 0.9, 2.0])
+    assert model.orientation == "RAS"
+
+
+def test_samples_are_written_with_the_training_datas_spacing_and_orientation(tmp_path):
+    import nibabel as nib
+
+    from medgen.api import write_images
+
+    model = _model(3, size=8)
+    affine = torch.diag(torch.tensor([-0.8, -0.9, 2.0, 1.0], dtype=torch.float64))
+    affine[:3, 3] = torch.tensor([10.0, 20.0, -5.0], dtype=torch.float64)
+    x = MetaTensor(torch.rand(2, 1, 8, 8, 8), affine=affine)
+    model._record_batch(x, model.encode(x.as_tensor()))
+    assert model.orientation == "LPS" and model.hparams["orientation"] == "LPS"
+    (path,) = write_images(model, model.sample(1, steps=2, seed=0), tmp_path)
+    written = nib.load(str(path)).affine
+    assert "".join(nib.aff2axcodes(written)) == "LPS"
+    np.testing.assert_allclose(np.diag(written)[:3], [-0.8, -0.9, 2.0], rtol=1e-6)
+    # A permuted, flipped orientation round-trips through the axis codes.
+    model = _model(3, size=8, orientation="sar", spacing=(1.0, 2.0, 3.0))
+    assert model.orientation == "SAR"
+    (path,) = write_images(model, model.sample(1, steps=2, seed=0), tmp_path / "b")
+    image = nib.load(str(path))
+    assert "".join(nib.aff2axcodes(image.affine)) == "SAR"
+    np.testing.assert_allclose(image.header.get_zooms(), (1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="axcodes"):
+        _model(3, size=8, orientation="RAR")
 
 
 # ------------------------------------------------------------------------------------------------

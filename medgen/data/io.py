@@ -42,6 +42,8 @@ from monai.data.image_reader import ImageReader, PydicomReader
 __all__ = [
     "IMAGE_SUFFIXES",
     "MedgenIOError",
+    "affine_from_axcodes",
+    "axcodes_from_affine",
     "image_stem",
     "files_by_stem",
     "image_suffix",
@@ -207,6 +209,52 @@ def _make_reader(suffix: str) -> ImageReader:
 def _spacing_from_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
     rows = affine.shape[0] - 1
     return np.sqrt((np.asarray(affine, dtype=np.float64)[:rows, :spatial_dims] ** 2).sum(axis=0))
+
+
+def axcodes_from_affine(affine: Any) -> str:
+    """The anatomical axis codes (``"RAS"``, ``"LPS"``, ...) of a 4x4 voxel-to-world affine.
+
+    World coordinates follow NIfTI's RAS+ convention (what :func:`read` returns for every
+    format). Each array axis gets the world direction its column is closest to, so an oblique
+    affine is rounded to the nearest orthogonal orientation (nibabel's ``aff2axcodes``).
+    """
+    from nibabel.orientations import aff2axcodes
+
+    matrix = np.asarray(torch.as_tensor(affine).detach().cpu().double(), dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {matrix.shape}")
+    codes = aff2axcodes(matrix)
+    if None in codes:
+        raise ValueError(f"affine has a degenerate (zero) axis: {matrix.tolist()}")
+    return "".join(codes)
+
+
+_AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0)}
+_AXIS_CODES.update({"S": (2, 1.0), "I": (2, -1.0)})
+
+
+def affine_from_axcodes(spacing: Sequence[float], axcodes: str = "RAS") -> torch.Tensor:
+    """A 4x4 float64 affine whose array axes point along ``axcodes`` with voxel size ``spacing``.
+
+    The inverse of :func:`axcodes_from_affine` for orthogonal affines; the origin is 0.
+
+    Example:
+        >>> affine_from_axcodes((1.0, 1.0, 2.5), "LPS").diagonal().tolist()
+        [-1.0, -1.0, 2.5, 1.0]
+    """
+    codes = str(axcodes).upper()
+    if len(codes) != 3 or any(c not in _AXIS_CODES for c in codes):
+        raise ValueError(f"axcodes must be three of R/L, A/P, S/I like 'RAS', got {axcodes!r}")
+    if sorted(_AXIS_CODES[c][0] for c in codes) != [0, 1, 2]:
+        raise ValueError(f"axcodes {axcodes!r} name a world axis twice")
+    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
+        raise ValueError(f"spacing must be three positive numbers, got {spacing!r}")
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = 0.0
+    for column, (code, size) in enumerate(zip(codes, spacing, strict=True)):
+        row, sign = _AXIS_CODES[code]
+        affine[row, column] = sign * float(size)
+    return affine
 
 
 @functools.cache

@@ -216,17 +216,23 @@ class LatentAutoencoder(GenerativeModule):
         margin: int | Sequence[int],
         output_device: str | torch.device | None,
         progress: bool,
+        out: Tensor | None = None,
     ) -> Tensor:
         if norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
         if tile is None:
-            out = fn(x)
-            return out if output_device is None else out.to(output_device)
+            y = fn(x)
+            if out is not None:
+                if out.shape != y.shape:
+                    raise ValueError(f"out has shape {tuple(out.shape)}; expected {tuple(y.shape)}")
+                return out.copy_(y)
+            return y if output_device is None else y.to(output_device)
         kwargs = dict(
             margin=margin,
             output_device=output_device,
             progress=progress,
             accumulate_dtype=torch.float32,
+            out=out,
         )
         if norm_stats == "tile":
             return tiled_apply(fn, x, tile, overlap, scale, **kwargs)
@@ -258,6 +264,7 @@ class LatentAutoencoder(GenerativeModule):
         margin: int | Sequence[int] = 0,
         output_device: str | torch.device | None = None,
         progress: bool = False,
+        out: Tensor | None = None,
     ) -> Tensor:
         """Latents of images ``x`` ``(B, C, *spatial)``: ``(B, C_latent, *spatial / f)``.
 
@@ -277,6 +284,8 @@ class LatentAutoencoder(GenerativeModule):
             margin: Image voxels at tile edges facing a neighbour that get no weight.
             output_device: Where the latent is assembled (default: ``x``'s device).
             progress: Show a progress bar over tiles.
+            out: Optional preallocated ``(B, C_latent, *spatial / f)`` floating tensor that
+                receives the latent (see :meth:`decode`).
 
         Returns:
             Posterior means (:class:`AutoencoderKL`) or codebook vectors (:class:`VQGAN`).
@@ -295,8 +304,10 @@ class LatentAutoencoder(GenerativeModule):
             margin,
             output_device,
             progress,
+            out,
         )
-        return self._post_encode(z)
+        z = self._post_encode(z)
+        return z if out is None or z is out else out.copy_(z)
 
     def _decode_net(self, z: Tensor) -> Tensor:
         return self.net.decode(z)
@@ -315,6 +326,7 @@ class LatentAutoencoder(GenerativeModule):
         margin: int | Sequence[int] = 0,
         output_device: str | torch.device | None = None,
         progress: bool = False,
+        out: Tensor | None = None,
     ) -> Tensor:
         """Images ``(B, C, *spatial * f)`` in data units from latents ``(B, C_latent, *spatial)``.
 
@@ -330,6 +342,11 @@ class LatentAutoencoder(GenerativeModule):
             output_device: Where the image is assembled (e.g. ``"cpu"`` for a volume that does
                 not fit on the GPU).
             progress: Show a progress bar over tiles.
+            out: Optional preallocated ``(B, C, *spatial * f)`` floating tensor that receives the
+                image, e.g. ``torch.from_numpy(numpy.lib.format.open_memmap(path, "w+", ...))``
+                to decode a volume larger than memory straight into a ``.npy`` file: tiles are
+                blended into it, so memory is that of one tile (plus the statistics passes'
+                per-group sums).
         """
         self._check_input(z, "z")
         z = self._pre_decode(z.to(self.device, self.dtype))
@@ -344,6 +361,7 @@ class LatentAutoencoder(GenerativeModule):
             margin,
             output_device,
             progress,
+            out,
         )
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medgen import pretrained
+from medgen.data.io import affine_from_axcodes, axcodes_from_affine
 from medgen.diffusion import (
     DiffusionObjective,
     NoiseSchedule,
@@ -145,6 +146,9 @@ class Diffusion(GenerativeModule):
         scheduler: Learning-rate scheduler config, or ``None``.
         spacing: Voxel spacing of exported 3D samples (default: from the first batch's affine when
             it is a MetaTensor, else 1 mm).
+        orientation: Axis codes of exported 3D samples, e.g. ``"RAS"`` or ``"LPS"`` (default:
+            those of the first batch's affine, i.e. of the data after its preset's ``Orient``,
+            when it is a MetaTensor; else ``"RAS"``).
         sample_size: Spatial size of what the net denoises (latent size in latent mode); recorded
             from the first training batch when ``None``.
         num_log_images: Samples per validation image set.
@@ -185,6 +189,7 @@ class Diffusion(GenerativeModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         spacing: Sequence[float] | None = None,
+        orientation: str | None = None,
         sample_size: Sequence[int] | None = None,
         num_log_images: int = 8,
         val_num_samples: int = 16,
@@ -193,6 +198,10 @@ class Diffusion(GenerativeModule):
         optimizer = dict(optimizer or DEFAULT_DIFFUSION_OPTIMIZER)
         super().__init__(spatial_dims, value_range, optimizer, scheduler, spacing)
         self.save_hyperparameters()
+        if orientation is not None:
+            affine_from_axcodes((1.0, 1.0, 1.0), orientation)  # validates the codes
+            orientation = orientation.upper()
+        self.orientation = orientation
         if prediction not in MODEL_PREDICTIONS:
             raise ValueError(
                 f"prediction must be one of {', '.join(MODEL_PREDICTIONS)}, got {prediction!r}"
@@ -599,13 +608,21 @@ class Diffusion(GenerativeModule):
         if self.sample_size is None:
             self.sample_size = tuple(int(s) for s in z.shape[2:])
             self.hparams["sample_size"] = list(self.sample_size)
-        if self.hparams.get("spacing") is None and self.spatial_dims == 3:
-            affine = getattr(x, "affine", None)
-            if isinstance(affine, Tensor) and affine.shape[-2:] == (4, 4):
-                affine = affine.reshape(-1, 4, 4)[0].double()
+        affine = getattr(x, "affine", None)
+        if (
+            self.spatial_dims == 3
+            and isinstance(affine, Tensor)
+            and affine.shape[-2:] == (4, 4)
+            and affine.numel() > 0
+        ):
+            affine = affine.reshape(-1, 4, 4)[0].double().cpu()
+            if self.hparams.get("spacing") is None:
                 spacing = [float(v) for v in affine[:3, :3].norm(dim=0)]
                 self.spacing = tuple(spacing)
                 self.hparams["spacing"] = spacing
+            if self.hparams.get("orientation") is None:
+                self.orientation = axcodes_from_affine(affine)
+                self.hparams["orientation"] = self.orientation
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         x = batch[self.image_key]
