@@ -241,6 +241,11 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"sampling_{args.device}.json"
+    if path.exists():  # sections skipped in this run keep their earlier results
+        earlier = json.loads(path.read_text())
+        for key in args.skip:
+            if key in earlier:
+                record[key] = {**earlier[key], "from_earlier_run": True}
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     if args.table:

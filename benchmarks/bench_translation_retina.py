@@ -36,6 +36,7 @@ from medgen.data.io import write
 from medgen.data.phantoms import defocus
 from medgen.metrics.pairwise import psnr, ssim
 from medgen.models import Pix2Pix
+from medgen.utils.schedulers import lr_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +67,35 @@ def crops_inside(mask: torch.Tensor, crop: int, x_range: tuple[int, int], stride
     return corners
 
 
-def train(model: Pix2Pix, blurred, sharp, corners, crop: int, steps: int, batch: int, seed: int):
-    """Plain loop over the model's own training step (no Lightning trainer overhead)."""
+def train(
+    model: Pix2Pix,
+    blurred,
+    sharp,
+    corners,
+    crop: int,
+    steps: int,
+    batch: int,
+    seed: int,
+    misregister: int = 0,
+    decay: bool = False,
+):
+    """Plain loop over the model's own training step (no Lightning trainer overhead).
+
+    With ``misregister > 0`` every target crop is shifted by a random whole-pixel offset of up to
+    that many pixels along each axis against its input, as pairs of separately acquired images are
+    (adjacent sections in BCI, refocused captures in COMI); the test pairs stay aligned.
+    """
     rng = np.random.default_rng(seed)
+    h, w = sharp.shape[-2:]
     opt_g = model.build_optimizer(model.generator.parameters())
     opt_d = model.build_optimizer(model.discriminator.parameters(), model.optimizer_d_config)
+    # pix2pix's "linear" policy with one step as the unit: constant, then linear to 0 over the
+    # second half (the papers' 100 + 100 epochs).
+    schedulers = [
+        lr_policy(opt, "linear", n_epochs=steps // 2, n_epochs_decay=steps - steps // 2)
+        for opt in (opt_g, opt_d)
+        if decay
+    ]
     model.train()
     for _ in range(steps):
         picks = rng.integers(0, len(corners), batch)
@@ -78,7 +103,12 @@ def train(model: Pix2Pix, blurred, sharp, corners, crop: int, steps: int, batch:
         a, b = [], []
         for k, f in zip(picks, flip, strict=True):
             y, x = corners[k]
-            pa, pb = (t[:, y : y + crop, x : x + crop] for t in (blurred, sharp))
+            pa = blurred[:, y : y + crop, x : x + crop]
+            if misregister:
+                dy, dx = rng.integers(-misregister, misregister + 1, 2)
+                y = int(np.clip(y + dy, 0, h - crop))
+                x = int(np.clip(x + dx, 0, w - crop))
+            pb = sharp[:, y : y + crop, x : x + crop]
             if f:
                 pa, pb = pa.flip(-1), pb.flip(-1)
             a.append(pa)
@@ -97,6 +127,8 @@ def train(model: Pix2Pix, blurred, sharp, corners, crop: int, steps: int, batch:
         opt_g.step()
         for p in model.discriminator.parameters():
             p.requires_grad_(True)
+        for scheduler in schedulers:
+            scheduler.step()
 
 
 def scores(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -120,7 +152,24 @@ def main() -> None:
         "identity), or pix2pix's UNet",
     )
     parser.add_argument("--lr", type=float, default=5e-4, help="Adam rate of both nets")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="one training run per seed and model; the mean and spread are reported",
+    )
+    parser.add_argument(
+        "--decay",
+        action="store_true",
+        help="decay both learning rates linearly to 0 over the second half (pix2pix's 'linear')",
+    )
+    parser.add_argument(
+        "--misregister",
+        type=int,
+        default=0,
+        help="shift each training target by up to this many pixels against its input",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -160,30 +209,67 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "blurred_input": scores(test_a, test_b),
     }
-    outputs = {}
+    outputs: dict[str, torch.Tensor] = {}
     for name, kwargs in (
         ("pix2pix", {"reconstruction": "l1", "lambda_l1": 100.0}),
         ("pyramid_pix2pix", {"reconstruction": "pyramid", "pyramid": {"num_levels": 4}}),
     ):
-        torch.manual_seed(args.seed)
-        model = Pix2Pix(
-            generator=generator,
-            discriminator=discriminator,
-            optimizer_g=optimizer,
-            **kwargs,
-        ).to(args.device)
-        if args.generator == "resnet_residual":
-            # Zero the last convolution, so that the residual generator starts as the identity
-            # (output = input) and training only has to learn the correction.
-            torch.nn.init.zeros_(model.generator.head.weight)
-            torch.nn.init.zeros_(model.generator.head.bias)
-        start = time.perf_counter()
-        train(model, blurred, sharp, train_corners, args.crop, args.steps, args.batch, args.seed)
-        seconds = time.perf_counter() - start
-        out = model.translate(test_a.to(args.device), tile=None).cpu()
-        outputs[name] = out
-        results[name] = {**scores(out, test_b), "train_seconds": round(seconds, 1)}
-        print(name, results[name], flush=True)
+        runs = []
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            model = Pix2Pix(
+                generator=generator,
+                discriminator=discriminator,
+                optimizer_g=optimizer,
+                **kwargs,
+            ).to(args.device)
+            if args.generator == "resnet_residual":
+                # Zero the last convolution, so that the residual generator starts as the
+                # identity (output = input) and training only has to learn the correction.
+                torch.nn.init.zeros_(model.generator.head.weight)
+                torch.nn.init.zeros_(model.generator.head.bias)
+            start = time.perf_counter()
+            train(
+                model,
+                blurred,
+                sharp,
+                train_corners,
+                args.crop,
+                args.steps,
+                args.batch,
+                seed,
+                args.misregister,
+                args.decay,
+            )
+            seconds = time.perf_counter() - start
+            out = model.translate(test_a.to(args.device), tile=None).cpu()
+            if seed == args.seeds[0]:
+                outputs[name] = out
+            runs.append({"seed": seed, **scores(out, test_b), "train_seconds": round(seconds, 1)})
+            print(name, runs[-1], flush=True)
+        results[name] = {
+            **{
+                f"{key}_{stat}": float(fn(torch.tensor([r[key] for r in runs])))
+                for key in ("psnr", "ssim")
+                for stat, fn in (("mean", torch.mean), ("std", torch.std))
+            },
+            "runs": runs,
+        }
+    gain = torch.tensor([r["psnr"] for r in results["pyramid_pix2pix"]["runs"]]) - torch.tensor(
+        [r["psnr"] for r in results["pix2pix"]["runs"]]
+    )
+    results["pyramid_minus_pix2pix_psnr"] = {
+        "mean": float(gain.mean()),
+        "std": float(gain.std()) if len(gain) > 1 else 0.0,
+        "per_seed": [round(float(g), 3) for g in gain],
+    }
+    for name in ("pix2pix", "pyramid_pix2pix"):
+        r = results[name]
+        print(
+            f"{name}: PSNR {r['psnr_mean']:.2f} +- {r['psnr_std']:.2f} dB, "
+            f"SSIM {r['ssim_mean']:.3f} +- {r['ssim_std']:.3f}"
+        )
+    print("pyramid - pix2pix (paired by seed):", results["pyramid_minus_pix2pix_psnr"])
     print("blurred input", results["blurred_input"])
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

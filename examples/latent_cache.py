@@ -6,7 +6,8 @@ cache a dataset's latents for the diffusion stage.
 1. trains the `autoencoder_kl_3d` experiment for a few steps on phantom volumes (any 3D `data=`
    option works the same way, e.g. `data=nifti_folder data.train.source=/data/brains`),
 2. encodes a larger phantom volume and decodes its latent in tiles (tile size in latent voxels),
-   comparing with whole-volume decoding, and
+   comparing with whole-volume decoding, then decodes it again straight into a memory-mapped
+   ``.npy`` file (``out=``), as for a volume larger than memory, and
 3. runs `medgen-encode` from Python: one `.npy` latent per volume plus `latents.json` with the
    scale factor, read back by `medgen.data.LatentDataset` as unit-variance training data.
 
@@ -20,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import medgen
@@ -60,6 +62,15 @@ def main() -> None:
     tiled = model.decode(z, tile=args.size // 4, overlap=0.5)
     error = float((tiled - whole).abs().mean() / (whole.max() - whole.min()))
     print(f"latent {tuple(z.shape)}; tiled vs whole decoding: mean difference {error:.2e}")
+    # ... and straight into a memory-mapped .npy file, for volumes larger than memory
+    args.output.mkdir(parents=True, exist_ok=True)
+    mapped = np.lib.format.open_memmap(
+        args.output / "decoded.npy", mode="w+", dtype=np.float32, shape=tuple(whole.shape)
+    )
+    model.decode(z, tile=args.size // 4, overlap=0.5, out=torch.from_numpy(mapped))
+    mapped.flush()
+    torch.testing.assert_close(torch.from_numpy(np.load(args.output / "decoded.npy")), tiled)
+    print(f"decoded into {args.output / 'decoded.npy'} (identical to the in-memory tiled result)")
 
     # 3. cache the latents of a dataset (what `medgen-encode checkpoint=... data=...` does)
     latent_dir = args.output / "latents"

@@ -156,7 +156,8 @@ class GlobalStatsGroupNorm(nn.Module):
             scale = scale * norm.weight.double()
             shift = shift * norm.weight.double() + norm.bias.double()
         shape = (batch, channels) + (1,) * (x.ndim - 2)
-        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+        # One output tensor (x * scale + shift would make two at the net's largest activation).
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
 @contextlib.contextmanager

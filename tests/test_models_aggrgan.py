@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 import medgen
 from medgen.models import GAN, AGGrGAN
 from medgen.models.aggrgan import aggregate, default_members
-from tests.test_models_gan import _Cycled, _nets, _phantoms, _trainer
+from tests.helpers import cpu_trainer, cycled_loader, phantom_images
+from tests.test_models_gan import _nets
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,12 +54,12 @@ def _model(**kwargs) -> AGGrGAN:
 
 
 def _loader(length: int) -> DataLoader:
-    return DataLoader(_Cycled(_phantoms(2, SIZE), length), batch_size=4)
+    return cycled_loader(phantom_images(2, SIZE, 32), length, 4)
 
 
 def test_members_train_together_with_their_own_schedules():
     model = _model()
-    trainer = _trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0)
     trainer.fit(model, _loader(16))
     assert model.discriminator_steps.tolist() == [4, 4, 4]
     assert model.generator_steps.tolist() == [4, 4, 2]  # the WGAN-GP member has n_critic=2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import lightning as L
@@ -10,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import medgen
-from medgen.data import PhantomDataset
 from medgen.losses import PerceptualLoss, VGGFeatures
 from medgen.models import VQGAN, AutoencoderKL
 from medgen.models.autoencoder import latent_scale_factor
 from medgen.nets import NLayerDiscriminator
 from medgen.tiling import global_group_norm, tiled_apply_global_norm
 from tests.conftest import tiny_overrides
+from tests.helpers import cycled_loader, phantom_images
 
 KL_NET = {"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 4}
 VQ_NET = {"channels": [8, 16], "embedding_dim": 4, "num_embeddings": 32, "norm_num_groups": 4}
@@ -34,25 +33,12 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@functools.cache
-def _phantoms(spatial_dims: int, size: int, count: int = 4) -> tuple[torch.Tensor, ...]:
-    data = PhantomDataset(spatial_dims=spatial_dims, size=size, length=count, seed=0)
-    return tuple(d["image"] for d in data)
-
-
-class _Cycled(Dataset):
-    def __init__(self, images: tuple[torch.Tensor, ...], length: int) -> None:
-        self.images, self.length = images, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i % len(self.images)]}
+def _phantoms(spatial_dims: int, size: int) -> tuple[torch.Tensor, ...]:
+    return phantom_images(spatial_dims, size, 4)
 
 
 def _loader(spatial_dims: int, size: int = 16, length: int = 8, batch: int = 2) -> DataLoader:
-    return DataLoader(_Cycled(_phantoms(spatial_dims, size), length), batch_size=batch)
+    return cycled_loader(_phantoms(spatial_dims, size), length, batch)
 
 
 def _fit(model: L.LightningModule, spatial_dims: int, steps: int, val: bool = False, **kw):

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import medgen
-from medgen.data import PhantomDataset
 from medgen.models import VAE, Diffusion
 from medgen.pretrained import CheckpointError
+from tests.helpers import cpu_trainer, cycled_loader, phantom_images
 
 TINY_NET = {
     "channels": [8, 16],
@@ -33,46 +31,22 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@functools.cache
-def _phantoms(spatial_dims: int, size: int, count: int = 16) -> tuple[torch.Tensor, ...]:
-    data = PhantomDataset(spatial_dims=spatial_dims, size=size, length=count, seed=0)
-    return tuple(d["image"] for d in data)
+def _phantoms(spatial_dims: int, size: int) -> tuple[torch.Tensor, ...]:
+    return phantom_images(spatial_dims, size, 16)
 
 
-class _Cycled(Dataset):
-    """``length`` items cycling over a few cached phantoms, with a label and a scalar."""
-
-    def __init__(self, images: tuple[torch.Tensor, ...], length: int) -> None:
-        self.images, self.length = images, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image = self.images[i % len(self.images)]
-        return {
-            "image": image,
-            "label": torch.tensor(i % 2),
-            "age": torch.tensor(0.3 + 0.1 * (i % 3)),
-            "mask": (image > 0.2).float(),
-        }
+def _item(i: int, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An image with a label, a scalar and a mask (the conditions under test)."""
+    return {
+        "image": image,
+        "label": torch.tensor(i % 2),
+        "age": torch.tensor(0.3 + 0.1 * (i % 3)),
+        "mask": (image > 0.2).float(),
+    }
 
 
 def _loader(spatial_dims: int = 2, size: int = 16, length: int = 8, batch: int = 4):
-    return DataLoader(_Cycled(_phantoms(spatial_dims, size), length), batch_size=batch)
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return cycled_loader(_phantoms(spatial_dims, size), length, batch, _item)
 
 
 def _model(spatial_dims: int = 2, size: int = 8, **kwargs) -> Diffusion:
@@ -168,7 +142,7 @@ def test_conditional_training_steps_run_with_class_scalar_and_image_conditions()
         min_snr_gamma=5.0,
     )
     before = [p.detach().clone() for p in model.net.parameters()]
-    _trainer(max_epochs=1, limit_val_batches=0).fit(model, _loader())
+    cpu_trainer(max_epochs=1, limit_val_batches=0).fit(model, _loader())
     assert any(not torch.equal(p, q) for p, q in zip(before, model.net.parameters(), strict=True))
     assert not model.unconditional
     mask = _phantoms(2, 16)[0][None] > 0.2
@@ -206,7 +180,7 @@ def test_training_loss_falls_on_phantoms():
             return float(model.loss(z, {}, generator=torch.Generator().manual_seed(0)))
 
     initial = val_loss()  # zero-initialised output: the loss is E[eps^2] = 1
-    _trainer(max_steps=60, limit_val_batches=0).fit(model, _loader(length=240, batch=8))
+    cpu_trainer(max_steps=60, limit_val_batches=0).fit(model, _loader(length=240, batch=8))
     final = val_loss()
     assert initial == pytest.approx(1.0, abs=0.15)
     assert final < 0.5 * initial, (initial, final)
@@ -214,7 +188,7 @@ def test_training_loss_falls_on_phantoms():
 
 def test_checkpoint_and_export_reload_sample_identically(tmp_path):
     model = _model(size=16, spacing=(0.5, 0.5))
-    trainer = _trainer(max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = cpu_trainer(max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(model, _loader())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     expected = model.sample(2, steps=3, seed=3)
@@ -278,7 +252,7 @@ def test_latent_pipeline_end_to_end(tmp_path):
     model = Diffusion(net=TINY_NET, autoencoder=str(folder), latent_scale="auto")
     assert model.latent_channels == 3 and model.net_channels == 3
     assert not math.isfinite(float(model.latent_scale))
-    trainer = _trainer(max_epochs=1, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer = cpu_trainer(max_epochs=1, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, _loader(size=16), _loader(size=16, length=4))
     # auto scale: 1 / std of the first batch's latents, kept in a buffer
     first = torch.stack(_phantoms(2, 16)[:4])
@@ -310,7 +284,7 @@ def test_latent_pipeline_end_to_end(tmp_path):
 def test_latent_model_without_autoencoder_explains_what_to_do(tmp_path):
     model = Diffusion(net=TINY_NET, latent_channels=4, latent_scale="auto")  # builds (configs)
     with pytest.raises(ValueError, match="model.autoencoder=PATH"):
-        _trainer(max_epochs=1).fit(model, _loader())
+        cpu_trainer(max_epochs=1).fit(model, _loader())
     with pytest.raises(CheckpointError, match="model.autoencoder.*no checkpoint"):
         Diffusion(net=TINY_NET, autoencoder=str(tmp_path / "missing"))
 
@@ -448,7 +422,7 @@ def test_pre_encoded_latents_from_medgen_encode(tmp_path):
         latent_scale=index["scale_factor"],
     )
     loader = DataLoader(LatentDataset(tmp_path / "z", "train"), batch_size=4)
-    _trainer(max_epochs=1, limit_val_batches=0).fit(model, loader)
+    cpu_trainer(max_epochs=1, limit_val_batches=0).fit(model, loader)
     assert model.sample_size == (4, 4, 4)
     assert model.sample(2, steps=2, seed=0).shape == (2, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="scale_factor"):

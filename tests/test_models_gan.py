@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 import medgen
 import medgen.models.gan as gan_module
@@ -16,6 +14,7 @@ from medgen.callbacks import EMA
 from medgen.data import PhantomDataset
 from medgen.metrics import RandomConvFeatures, mmd_rbf
 from medgen.models import GAN
+from tests.helpers import cpu_trainer, cycled_loader, phantom_images
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,48 +44,19 @@ def _nets(spatial_dims: int = 2, size: int = 16, critic: bool = False) -> dict:
     }
 
 
-@functools.cache
-def _phantoms(spatial_dims: int, size: int, count: int = 32) -> tuple[torch.Tensor, ...]:
-    data = PhantomDataset(spatial_dims=spatial_dims, size=size, length=count, seed=0)
-    return tuple(d["image"] for d in data)
-
-
-class _Cycled(Dataset):
-    """``length`` items cycling over a few cached phantoms (making phantoms is the slow part)."""
-
-    def __init__(self, images: tuple[torch.Tensor, ...], length: int) -> None:
-        self.images, self.length = images, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i % len(self.images)]}
+def _phantoms(spatial_dims: int, size: int) -> tuple[torch.Tensor, ...]:
+    return phantom_images(spatial_dims, size, 32)
 
 
 def _loader(spatial_dims: int = 2, size: int = 16, length: int = 8, batch: int = 4):
-    data = _Cycled(_phantoms(spatial_dims, size), length)
-    return DataLoader(data, batch_size=batch, shuffle=False, num_workers=0)
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return cycled_loader(_phantoms(spatial_dims, size), length, batch)
 
 
 @pytest.mark.parametrize("n_critic", [1, 3])
 def test_discriminator_and_generator_steps_follow_n_critic(n_critic):
     model = GAN(**_nets(), n_critic=n_critic)
     batches = 7
-    trainer = _trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=batches, limit_val_batches=0)
     trainer.fit(model, _loader(length=4 * batches))
     assert int(model.discriminator_steps) == batches
     assert int(model.generator_steps) == batches // n_critic
@@ -104,7 +74,7 @@ def test_lazy_r1_runs_every_interval(monkeypatch):
 
     monkeypatch.setattr(gan_module, "r1_penalty", counting)
     model = GAN(**_nets(critic=True), r1_gamma=1.0, r1_interval=4)
-    trainer = _trainer(max_epochs=1, limit_train_batches=9, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=9, limit_val_batches=0)
     trainer.fit(model, _loader(length=36))
     assert len(calls) == 3  # discriminator steps 0, 4 and 8
 
@@ -126,7 +96,7 @@ def test_penalties_refuse_batch_norm_discriminators_and_bad_settings():
 
 def test_wrong_image_size_is_named():
     model = GAN(**_nets(size=16))
-    trainer = _trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     with pytest.raises(ValueError, match=r"shape \(4, 1, 32, 32\).*image_size"):
         trainer.fit(model, _loader(size=32))
 
@@ -150,7 +120,7 @@ def test_every_loss_trains_a_step_in_3d(loss):
     critic = loss == "wgan"
     model = GAN(**_nets(3, size=8, critic=critic), loss=loss, gp_weight=10.0 if critic else 0.0)
     before = [p.detach().clone() for p in model.generator.parameters()]
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(model, _loader(3, size=8))
     after = list(model.generator.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(before, after, strict=True))
@@ -171,7 +141,7 @@ class RecordingEMA(EMA):
 def test_ema_averages_once_per_generator_step():
     ema = RecordingEMA(attribute="generator", decay=0.5)
     model = GAN(**_nets(), n_critic=3)
-    trainer = _trainer(max_epochs=1, limit_train_batches=7, limit_val_batches=0, callbacks=[ema])
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=7, limit_val_batches=0, callbacks=[ema])
     trainer.fit(model, _loader(length=28))
     assert ema.updated_at == [0, 1, 2]
 
@@ -196,7 +166,7 @@ def test_training_brings_samples_towards_the_data():
         return mmd_rbf(f_real, f_fake, sigma=float(torch.pdist(f_real).median()))
 
     initial = distance()
-    trainer = _trainer(max_steps=300, limit_val_batches=0)  # 150 D + 150 G steps
+    trainer = cpu_trainer(max_steps=300, limit_val_batches=0)  # 150 D + 150 G steps
     trainer.fit(model, _loader(length=1200, batch=8))
     assert int(model.generator_steps) == 150
     final = distance()
@@ -221,7 +191,7 @@ def test_ddp_spawn_keeps_weights_identical_across_ranks(tmp_path):
     # n_critic=2: in discriminator-only steps the generator gets no gradient, the classic
     # "unused parameters" failure of DDP unless the module handles it.
     model = GAN(**_nets(critic=True), loss="wgan", gp_weight=10.0, n_critic=2)
-    trainer = _trainer(
+    trainer = cpu_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_epochs=1,

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import functools
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 import medgen
 from medgen.data.io import MedgenIOError, read, write
@@ -20,6 +18,7 @@ from medgen.inference import translate_files
 from medgen.losses import PyramidL1Loss
 from medgen.models import CycleGAN, Pix2Pix
 from medgen.utils.schedulers import LinearDecay, lr_policy
+from tests.helpers import cpu_trainer, cycled_loader
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,33 +39,10 @@ def _pairs(spatial_dims: int, size: int, pair: str = "defocus", count: int = 8):
     return tuple((d["a"], d["b"]) for d in data)
 
 
-class _Cycled(Dataset):
-    def __init__(self, pairs, length: int) -> None:
-        self.pairs, self.length = pairs, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        a, b = self.pairs[i % len(self.pairs)]
-        return {"a": a, "b": b}
-
-
 def _loader(spatial_dims=2, size=16, length=8, batch=4, pair="defocus"):
-    return DataLoader(_Cycled(_pairs(spatial_dims, size, pair), length), batch_size=batch)
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    return cycled_loader(
+        _pairs(spatial_dims, size, pair), length, batch, lambda i, ab: {"a": ab[0], "b": ab[1]}
     )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 class _Scale(nn.Module):
@@ -143,7 +119,7 @@ def test_bad_settings_are_refused_clearly():
     CycleGAN(generator=G, discriminator=D, in_channels=1, out_channels=3, lambda_identity=0)
     model = Pix2Pix(generator=G, discriminator=D, in_channels=3)
     with pytest.raises(ValueError, match=r"source batch has shape \(4, 1, 16, 16\)"):
-        _trainer(max_epochs=1, limit_train_batches=1).fit(model, _loader())
+        cpu_trainer(max_epochs=1, limit_train_batches=1).fit(model, _loader())
 
 
 # ------------------------------------------------------------------------------------ training
@@ -154,7 +130,7 @@ def test_every_gan_mode_trains_a_step(cls, gan_mode):
     model = cls(generator=G, discriminator=d, gan_mode=gan_mode)
     nets = {name: net for name, net in model.named_children() if name.startswith(("gen", "dis"))}
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in nets.items()}
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, _loader(), _loader())
     assert int(model.generator_steps) == 2
     for name, net in nets.items():  # every generator and discriminator was updated
@@ -171,7 +147,7 @@ def test_every_gan_mode_trains_a_step(cls, gan_mode):
 @pytest.mark.parametrize("cls", [Pix2Pix, CycleGAN])
 def test_3d_models_train_and_translate(cls):
     model = cls(generator=G, discriminator={**D, "n_layers": 1}, spatial_dims=3)
-    trainer = _trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(model, _loader(3, 8, length=2, batch=2), _loader(3, 8, length=2, batch=2))
     assert int(model.generator_steps) == 1
     x = torch.rand(1, 1, 10, 9, 7)  # not a multiple of the generator's factor 4
@@ -183,7 +159,7 @@ def test_3d_models_train_and_translate(cls):
 
 def test_cyclegan_pools_fill_and_travel_with_the_checkpoint(tmp_path):
     model = CycleGAN(generator=G, discriminator=D, pool_size=6)
-    trainer = _trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0)
     trainer.fit(model, _loader(length=12))
     assert len(model.pool_a) == len(model.pool_b) == 6
     trainer.save_checkpoint(tmp_path / "c.ckpt")
@@ -208,7 +184,7 @@ def test_pix2pix_learns_to_remove_defocus():
         return float((model.translate(val[0], tile=None) - val[1]).abs().mean())
 
     start = error()
-    trainer = _trainer(max_epochs=4, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=4, limit_val_batches=0)
     trainer.fit(model, _loader(2, 32, length=40, batch=4))
     blurred = float((val[0] - val[1]).abs().mean())
     assert error() < 0.5 * start
@@ -247,7 +223,7 @@ def test_linear_policy_steps_once_per_epoch_in_training():
         "n_epochs_decay": 3,
     }
     model = Pix2Pix(generator=G, discriminator=D, scheduler=scheduler)
-    trainer = _trainer(max_epochs=3, limit_train_batches=1, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=3, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(model, _loader())
     opt_g, opt_d = model.optimizers()
     # after 3 epochs: factor 1 - (3 + 1 - 1) / 4

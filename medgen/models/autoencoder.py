@@ -423,17 +423,6 @@ class LatentAutoencoder(GenerativeModule):
         opts = self.optimizers()
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
-    def step_schedulers(self, interval: str) -> None:
-        """Step every scheduler configured with this ``interval`` (``epoch`` or ``step``)."""
-        configured = (self.scheduler_config or {}).get("interval", "epoch")
-        if self.scheduler_config and configured == interval:
-            schedulers = self.lr_schedulers()
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-                scheduler.step()
-
-    def on_train_epoch_end(self) -> None:
-        self.step_schedulers("epoch")
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = batch[self.image_key]
         self._check_input(x, f"batch '{self.image_key}'")

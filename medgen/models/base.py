@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 
 from medgen import pretrained
 from medgen.utils.instantiate import instantiate
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
@@ -80,6 +83,38 @@ class GenerativeModule(L.LightningModule):
             k: config.pop(k) for k in ("interval", "frequency", "monitor") if k in config
         }
         return {"scheduler": instantiate(config, optimizer), **lightning_keys}
+
+    #: Metric a ``ReduceLROnPlateau`` scheduler follows when its config names no ``monitor``.
+    plateau_monitor: str = "val/loss"
+
+    def step_schedulers(self, interval: str) -> None:
+        """Step the schedulers configured with this ``interval`` (``"epoch"`` or ``"step"``).
+
+        For manually optimised models (GANs, autoencoders, translation), which Lightning does not
+        step; a ``ReduceLROnPlateau`` gets the monitored value (``monitor`` in the scheduler
+        config, else :attr:`plateau_monitor`) and is left alone, with one warning, until that
+        value has been logged.
+        """
+        config = self.scheduler_config or {}
+        if not config or config.get("interval", "epoch") != interval:
+            return
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor = config.get("monitor", self.plateau_monitor)
+                value = self.trainer.callback_metrics.get(monitor)
+                if value is None:
+                    if not getattr(self, "_plateau_warned", False):
+                        log.warning("plateau lr policy: %r was not logged; lr unchanged", monitor)
+                        self._plateau_warned = True
+                    continue
+                scheduler.step(float(value))
+            else:
+                scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            self.step_schedulers("epoch")
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer(self.parameters())

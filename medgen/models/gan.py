@@ -243,17 +243,6 @@ class AdversarialModule(GenerativeModule):
             terms["g_loss"] = g_loss
         return {k: v.detach() for k, v in terms.items()}
 
-    def step_schedulers(self, interval: str) -> None:
-        """Step every scheduler configured with this ``interval`` (``epoch`` or ``step``)."""
-        configured = (self.scheduler_config or {}).get("interval", "epoch")
-        if self.scheduler_config and configured == interval:
-            schedulers = self.lr_schedulers()
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-                scheduler.step()
-
-    def on_train_epoch_end(self) -> None:
-        self.step_schedulers("epoch")
-
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         real = batch[self.image_key]

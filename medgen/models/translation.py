@@ -16,7 +16,6 @@ statistics), so the same input always gives the same output.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,8 +31,6 @@ from medgen.metrics import PairwiseMetrics
 from medgen.models.gan import DEFAULT_GAN_OPTIMIZER, AdversarialModule, build_net, has_batch_norm
 from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
 from medgen.utils.image_pool import ImagePool
-
-log = logging.getLogger(__name__)
 
 #: GAN modes of the reference code, and the loss of :mod:`medgen.losses.adversarial` each uses.
 GAN_MODES: dict[str, str] = {
@@ -133,6 +130,8 @@ class TranslationModule(AdversarialModule):
 
     #: Translation models map an input to an output; they draw no unconditional samples.
     unconditional = False
+    #: A plateau learning-rate policy follows the validation MAE unless told otherwise.
+    plateau_monitor = "val/mae"
 
     def __init__(
         self,
@@ -167,7 +166,6 @@ class TranslationModule(AdversarialModule):
             data_range=self.data_range, spatial_dims=spatial_dims, metrics=metrics, prefix="val/"
         )
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
-        self._plateau_warned = False
 
     # ----------------------------------------------------------------- nets
     def generator_for(self, direction: str = "a2b") -> nn.Module:
@@ -201,25 +199,6 @@ class TranslationModule(AdversarialModule):
 
     def discriminator_parameters(self) -> Iterator[nn.Parameter]:
         raise NotImplementedError
-
-    def step_schedulers(self, interval: str) -> None:
-        """Step the schedulers of this ``interval``; a plateau scheduler gets its monitored value."""
-        config = self.scheduler_config or {}
-        if not config or config.get("interval", "epoch") != interval:
-            return
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                monitor = config.get("monitor", "val/mae")
-                value = self.trainer.callback_metrics.get(monitor)
-                if value is None:
-                    if not self._plateau_warned:
-                        log.warning("plateau lr policy: %r was not logged; lr unchanged", monitor)
-                        self._plateau_warned = True
-                    continue
-                scheduler.step(float(value))
-            else:
-                scheduler.step()
 
     # ----------------------------------------------------------------- batches
     def _pair(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:

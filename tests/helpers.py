@@ -1,0 +1,69 @@
+"""Small data and trainer helpers shared by the model tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medgen.data import PhantomDataset
+
+
+@functools.cache
+def phantom_images(
+    spatial_dims: int, size: int, count: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """``count`` phantom images, made once per process (making phantoms is the slow part)."""
+    data = PhantomDataset(spatial_dims=spatial_dims, size=size, length=count, seed=seed)
+    return tuple(d["image"] for d in data)
+
+
+def _image_item(i: int, image: Any) -> dict[str, Any]:
+    return {"image": image}
+
+
+class CycledDataset(Dataset):
+    """``length`` items cycling over a few cached ones; ``to_item(i, item)`` builds each batch
+    entry (default ``{"image": item}``)."""
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        length: int,
+        to_item: Callable[[int, Any], dict[str, Any]] = _image_item,
+    ) -> None:
+        self.items, self.length, self.to_item = items, length, to_item
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.to_item(i, self.items[i % len(self.items)])
+
+
+def cycled_loader(
+    items: Sequence[Any],
+    length: int,
+    batch: int,
+    to_item: Callable[[int, Any], dict[str, Any]] = _image_item,
+) -> DataLoader:
+    """An unshuffled single-process loader over :class:`CycledDataset`."""
+    return DataLoader(CycledDataset(items, length, to_item), batch_size=batch, shuffle=False)
+
+
+def cpu_trainer(**kwargs: Any) -> L.Trainer:
+    """A quiet one-CPU Lightning trainer (no logger, checkpoints, progress bar or sanity check)."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
