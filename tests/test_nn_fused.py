@@ -222,3 +222,31 @@ def test_triton_path_matches_reference_on_cuda():
     out_g.square().sum().backward()
     for a, b_ in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(b_.grad.cpu(), a.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_composed_norm_act_activates_in_place_only_without_grad():
+    """A swapped (non-fusable) norm still costs one activation-sized tensor in inference."""
+    from medgen.nn.fused import norm_act
+
+    class Wrapped(torch.nn.Module):  # what tiled decoding swaps GroupNorms for
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(2, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x)
+
+    norm, act = Wrapped(), torch.nn.SiLU()
+    produced: list[torch.Tensor] = []
+    norm.register_forward_hook(lambda module, args, out: produced.append(out))
+    x = torch.randn(2, 4, 6, 6)
+    expected = torch.nn.functional.silu(norm.norm(x))
+    with torch.no_grad():
+        y = norm_act(norm, act, x)
+    torch.testing.assert_close(y, expected)
+    assert y.data_ptr() == produced[-1].data_ptr()  # activated in place, no second tensor
+    y = norm_act(norm, act, x.requires_grad_())
+    torch.testing.assert_close(y, expected)
+    assert y.data_ptr() != produced[-1].data_ptr()  # autograd keeps the norm's output
+    y.sum().backward()
+    assert x.grad is not None

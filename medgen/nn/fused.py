@@ -415,4 +415,8 @@ def norm_act(
         h = h * (1 + _bcast(scale, h))
     if shift is not None:
         h = h + _bcast(shift, h)
+    if type(act) is nn.SiLU and not torch.is_grad_enabled() and h is not x:
+        # Inference (e.g. tiled decoding with whole-volume statistics, which swaps the norm):
+        # ``h`` is a fresh tensor, so activate it in place instead of allocating another one.
+        return F.silu(h, inplace=True)
     return act(h)
