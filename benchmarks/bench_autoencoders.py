@@ -79,9 +79,10 @@ def train_briefly(steps: int, seed: int = 0) -> AutoencoderKL:
 
 
 def measure(
-    fn: Callable[[], torch.Tensor], device: torch.device
+    fn: Callable[[], torch.Tensor], device: torch.device, preallocated: tuple = ()
 ) -> tuple[torch.Tensor, int, float]:
-    """``(output, peak bytes, seconds)`` of one call of ``fn``."""
+    """``(output, peak bytes, seconds)`` of one call of ``fn``; ``preallocated`` tensors (an
+    output the call fills in place) are not counted as created by it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -91,7 +92,7 @@ def measure(
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         return out, torch.cuda.max_memory_allocated() - base, seconds
-    mode = _Peak()
+    mode = _Peak(ignore=preallocated)
     start = time.perf_counter()
     with mode:
         out = fn()
@@ -136,6 +137,7 @@ def run_size(model: AutoencoderKL, size: int, args, device: torch.device) -> dic
         out, peak, seconds = measure(
             lambda mode=mode, target=target: model.decode(z, norm_stats=mode, out=target, **common),
             device,
+            preallocated=(target,),
         )
         output_bytes = target.numel() * target.element_size()
         entry = {

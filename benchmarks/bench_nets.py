@@ -42,7 +42,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -139,11 +139,14 @@ class _Retained(TorchDispatchMode):
 class _Peak(TorchDispatchMode):
     """Running total of bytes in storages created by ops (freed ones subtracted), and its peak."""
 
-    def __init__(self) -> None:
+    def __init__(self, ignore: Sequence[Tensor] = ()) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self.seen: set[int] = set()
+        # Storages that existed before the call (e.g. a preallocated output written in place):
+        # ops that return them or views of them create nothing.
+        self.ignored = {t.untyped_storage().data_ptr() for t in ignore}
 
     def _free(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
@@ -155,6 +158,8 @@ class _Peak(TorchDispatchMode):
             if isinstance(t, Tensor) and t.device.type != "meta":
                 s = t.untyped_storage()
                 key = id(s)
+                if s.data_ptr() in self.ignored:
+                    continue
                 if key not in self.seen and s.nbytes() > 0:
                     self.seen.add(key)
                     self.live += s.nbytes()
