@@ -1,10 +1,11 @@
 """Speed against quality of the diffusion samplers: seconds per sample vs steps, and a quality proxy.
 
-Run:  python benchmarks/bench_sampling.py [--device cpu|cuda] [--ddpm-2d PATH] [--flow-2d PATH]
-      [--ddpm-3d PATH] [--epochs-2d N] [--epochs-3d N] [--num-samples 64] [--table]
+Run:  python benchmarks/bench_sampling.py [--device cpu|cuda] [--ddpm-2d PATH] [--v-2d PATH]
+      [--flow-2d PATH] [--ddpm-3d PATH] [--epochs-2d N] [--epochs-3d N] [--num-samples 64] [--table]
 
 Trains (or loads, from a ``medgen-train`` run's ``model`` folder or checkpoint) a small 2D DDPM on
-32x32 phantom slices (experiment ``ddpm_2d``), the same net as a rectified flow, and a tiny 3D
+32x32 phantom slices (experiment ``ddpm_2d``), the same net with v-prediction and as a rectified
+flow, and a tiny 3D
 DDPM on 16^3 phantom volumes (experiment ``ddpm_3d``, shrunk). Then, for every sampler and number
 of steps, it draws ``--num-samples`` samples from one seed in one batch and records
 
@@ -127,7 +128,12 @@ def _relative(section: dict) -> None:
 def table(record: dict) -> str:
     """The markdown table of ``docs/performance.md``."""
     lines = []
-    for key, title in (("2d", "2D, 32x32"), ("flow_2d", "2D flow, 32x32"), ("3d", "3D, 16^3")):
+    for key, title in (
+        ("2d", "2D, 32x32"),
+        ("2d_v", "2D v-prediction, 32x32"),
+        ("flow_2d", "2D flow, 32x32"),
+        ("3d", "3D, 16^3"),
+    ):
         if "results" not in record.get(key, {}):
             continue
         section = record[key]
@@ -152,13 +158,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ddpm-2d", default=None, help="trained ddpm_2d model (else trains one)")
+    parser.add_argument(
+        "--v-2d", default=None, help="trained 2D v-prediction model (else trains one)"
+    )
     parser.add_argument("--flow-2d", default=None, help="trained 2D flow model (else trains one)")
     parser.add_argument("--ddpm-3d", default=None, help="trained tiny 3D model (else trains one)")
     parser.add_argument("--epochs-2d", type=int, default=None, help="default: the experiment's")
     parser.add_argument("--epochs-3d", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--num-samples-3d", type=int, default=8)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["2d", "flow_2d", "3d"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["2d", "2d_v", "flow_2d", "3d"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--table", action="store_true", help="print the docs table")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -183,6 +192,14 @@ def main() -> None:
             "2d": (
                 args.ddpm_2d,
                 ["experiment=ddpm_2d", trainer, *epochs_2d],
+                VP_SAMPLERS,
+                2,
+                32,
+                args.num_samples,
+            ),
+            "2d_v": (
+                args.v_2d,
+                ["experiment=ddpm_2d", trainer, *epochs_2d, "model.prediction=v"],
                 VP_SAMPLERS,
                 2,
                 32,
