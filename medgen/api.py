@@ -401,7 +401,12 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
     splits = [str(s) for s in cfg.get("splits", ["train", "val"])]
     tile = cfg.get("tile")
     tile = list(tile) if tile is not None and not isinstance(tile, int) else tile
-    kwargs = {"tile": tile, "overlap": float(cfg.get("overlap", 0.5))}
+    kwargs = {
+        "tile": tile,
+        "overlap": float(cfg.get("overlap", 0.5)),
+        "layerwise": bool(cfg.get("layerwise", False)),
+        "offload_dir": cfg.get("offload_dir"),
+    }
     max_items = cfg.get("scale_max_items")
     factor = model.downsample_factor
 

@@ -24,7 +24,8 @@ latents (Rombach et al., Sec. 4.3.2 and Appendix G) before diffusion, as ``medge
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ from medgen.models.base import GenerativeModule, seeded_generator
 from medgen.models.gan import build_net
 from medgen.nets.vae import VAENet
 from medgen.nets.vqgan import VQGANNet
-from medgen.tiling import tiled_apply_global_norm
+from medgen.nn import DiagonalGaussian
+from medgen.tiling import layerwise_apply, tiled_apply_global_norm
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +219,28 @@ class LatentAutoencoder(GenerativeModule):
         output_device: str | torch.device | None,
         progress: bool,
         out: Tensor | None = None,
+        layerwise: bool = False,
+        offload_dir: str | Path | None = None,
+        head: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         if norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
+        if layerwise and tile is not None:
+            # Exact: stage by stage with real halos and whole-volume statistics (medgen.tiling).
+            y = layerwise_apply(
+                module.stages(),
+                x,
+                tile,
+                device=self.device,
+                offload_dir=offload_dir,
+                out=out if head is None else None,
+                output_device=output_device,
+                progress=progress,
+            )
+            if head is None:
+                return y
+            y = head(y)
+            return y if out is None else out.copy_(y)
         if tile is None:
             y = fn(x)
             if out is not None:
@@ -253,6 +274,10 @@ class LatentAutoencoder(GenerativeModule):
     def _post_encode(self, z: Tensor) -> Tensor:
         return z
 
+    def _encoder_head(self, h: Tensor) -> Tensor:
+        """Continuous latents from the encoder net's output (what :meth:`_encode_net` adds)."""
+        return h
+
     @torch.no_grad()
     def encode(
         self,
@@ -265,6 +290,8 @@ class LatentAutoencoder(GenerativeModule):
         output_device: str | torch.device | None = None,
         progress: bool = False,
         out: Tensor | None = None,
+        layerwise: bool = False,
+        offload_dir: str | Path | None = None,
     ) -> Tensor:
         """Latents of images ``x`` ``(B, C, *spatial)``: ``(B, C_latent, *spatial / f)``.
 
@@ -286,6 +313,12 @@ class LatentAutoencoder(GenerativeModule):
             progress: Show a progress bar over tiles.
             out: Optional preallocated ``(B, C_latent, *spatial / f)`` floating tensor that
                 receives the latent (see :meth:`decode`).
+            layerwise: Encode layer by layer (:func:`medgen.tiling.layerwise_apply`): exact
+                (equal to whole-input encoding up to float rounding), with one tile's memory on
+                the model's device and the intermediate volumes in host memory or
+                ``offload_dir``; ``overlap``, ``margin`` and ``norm_stats`` are then unused.
+            offload_dir: With ``layerwise``, a directory for the intermediate volumes
+                (memory-mapped files, removed afterwards) instead of host memory.
 
         Returns:
             Posterior means (:class:`AutoencoderKL`) or codebook vectors (:class:`VQGAN`).
@@ -305,6 +338,9 @@ class LatentAutoencoder(GenerativeModule):
             output_device,
             progress,
             out,
+            layerwise,
+            offload_dir,
+            self._encoder_head,
         )
         z = self._post_encode(z)
         return z if out is None or z is out else out.copy_(z)
@@ -327,6 +363,8 @@ class LatentAutoencoder(GenerativeModule):
         output_device: str | torch.device | None = None,
         progress: bool = False,
         out: Tensor | None = None,
+        layerwise: bool = False,
+        offload_dir: str | Path | None = None,
     ) -> Tensor:
         """Images ``(B, C, *spatial * f)`` in data units from latents ``(B, C_latent, *spatial)``.
 
@@ -347,6 +385,15 @@ class LatentAutoencoder(GenerativeModule):
                 to decode a volume larger than memory straight into a ``.npy`` file: tiles are
                 blended into it, so memory is that of one tile (plus the statistics passes'
                 per-group sums).
+            layerwise: Decode layer by layer (:func:`medgen.tiling.layerwise_apply`): every
+                stage of the decoder runs over the whole volume in tiles with exact halos and
+                the whole volume's GroupNorm statistics, so the result equals whole decoding up
+                to float rounding (no seams), with one tile's memory on the model's device.
+                The intermediate volumes (a few times the widest full-resolution activation)
+                go to host memory, or to ``offload_dir``. ``overlap``, ``margin`` and
+                ``norm_stats`` are then unused.
+            offload_dir: With ``layerwise``, a directory for the intermediate volumes
+                (memory-mapped files, removed afterwards) instead of host memory.
         """
         self._check_input(z, "z")
         z = self._pre_decode(z.to(self.device, self.dtype))
@@ -362,6 +409,8 @@ class LatentAutoencoder(GenerativeModule):
             output_device,
             progress,
             out,
+            layerwise,
+            offload_dir,
         )
 
     @torch.no_grad()
@@ -613,6 +662,9 @@ class AutoencoderKL(LatentAutoencoder):
 
     def _encode_net(self, x: Tensor) -> Tensor:
         return self.net.encode(x).mode()
+
+    def _encoder_head(self, h: Tensor) -> Tensor:
+        return DiagonalGaussian.from_moments(h).mode()
 
     def _random_latents(self, num: int, shape: tuple[int, ...], generator) -> Tensor:
         return torch.randn((num, *shape), generator=generator)

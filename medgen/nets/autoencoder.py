@@ -17,6 +17,7 @@ from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ResBlock
 from medgen.nn.factories import check_spatial_dims, conv_nd, get_act_layer, get_norm_layer
 from medgen.nn.fused import norm_act
+from medgen.nn.layerwise import Stage, module_stages
 from medgen.nn.sampling import Downsample, Upsample
 
 __all__ = ["Decoder", "Encoder"]
@@ -51,6 +52,12 @@ def _validate_levels(
                 f"attention_levels has {len(attn)} entries but channels has {n} levels."
             )
     return channels, blocks, attn
+
+
+def _out_stage(net: Encoder | Decoder) -> list[Stage]:
+    """``norm_out → act_out → conv_out`` as one stage."""
+    (stage,) = module_stages(net.conv_out, "conv_out")
+    return [Stage(stage.fn, stage.halo, norm=net.norm_out, act=net.act_out, name="out")]
 
 
 class _CheckpointMixin(nn.Module):
@@ -177,6 +184,19 @@ class Encoder(_CheckpointMixin):
             h = self._run(block, h)
         return self.conv_out(norm_act(self.norm_out, self.act_out, h))
 
+    def stages(self) -> list[Stage]:
+        """This encoder as a sequence of local stages (see :mod:`medgen.nn.layerwise`), for exact
+        tiled encoding with :func:`medgen.tiling.layerwise_apply`."""
+        stages = module_stages(self.conv_in, "conv_in")
+        for i, level in enumerate(self.levels):
+            for j, block in enumerate(level):
+                stages += module_stages(block, f"levels.{i}.{j}")
+            if i < len(self.downsamples):
+                stages += module_stages(self.downsamples[i], f"downsamples.{i}")
+        for j, block in enumerate(self.mid):
+            stages += module_stages(block, f"mid.{j}")
+        return stages + _out_stage(self)
+
 
 class Decoder(_CheckpointMixin):
     """Convolutional decoder: latent ``(B, C_in, *spatial)`` to image ``(B, C_out, *spatial * f)``.
@@ -288,3 +308,16 @@ class Decoder(_CheckpointMixin):
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         return self.conv_out(norm_act(self.norm_out, self.act_out, h))
+
+    def stages(self) -> list[Stage]:
+        """This decoder as a sequence of local stages (see :mod:`medgen.nn.layerwise`), for exact
+        tiled decoding with :func:`medgen.tiling.layerwise_apply`."""
+        stages = module_stages(self.conv_in, "conv_in")
+        for j, block in enumerate(self.mid):
+            stages += module_stages(block, f"mid.{j}")
+        for i, level in enumerate(self.levels):
+            for j, block in enumerate(level):
+                stages += module_stages(block, f"levels.{i}.{j}")
+            if i < len(self.upsamples):
+                stages += module_stages(self.upsamples[i], f"upsamples.{i}")
+        return stages + _out_stage(self)

@@ -1,0 +1,110 @@
+"""Nets written as a sequence of stages, for exact tiled inference layer by layer.
+
+A net made of convolutions, resampling, pointwise ops and GroupNorm can be run on a large volume
+one *stage* at a time: every stage is a local map (its outputs depend on the inputs within
+``halo`` voxels), optionally preceded by a GroupNorm and an activation whose statistics are those
+of the stage's whole input. :func:`medgen.tiling.layerwise_apply` runs each stage over the whole
+volume tile by tile, with exact halos and the exact whole-tensor statistics, and keeps the
+intermediate volumes off the compute device; the result equals running the net on the whole
+volume up to floating-point rounding. :meth:`medgen.nets.Decoder.stages` and
+:meth:`medgen.nets.Encoder.stages` describe the autoencoder nets this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+from torch import Tensor, nn
+
+from medgen.nn.attention import SelfAttention
+from medgen.nn.blocks import ResBlock
+from medgen.nn.sampling import Downsample, Upsample
+
+__all__ = ["Stage", "module_stages"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a net run layer by layer: ``y = fn(act(norm(x))) [+ skip(x_prev)]``.
+
+    Attributes:
+        fn: A local map: every output voxel depends only on input voxels within ``halo``
+            (convolutions, resampling, pointwise ops; no normalisation over positions).
+        halo: Input voxels of context ``fn`` needs on each side; ``None`` for a global map
+            (self-attention), which runs on the whole tensor at once.
+        scale: Output/input size ratio of ``fn`` (2 for an upsampling, 1/2 for a downsampling).
+        norm: A GroupNorm applied to the stage's input with the statistics of the *whole*
+            input (measured by the runner), or ``None``.
+        act: Activation applied after ``norm`` (``None``: none).
+        skip: If set, ``skip(input of the previous stage)`` is added to the output (a residual
+            block's shortcut; both stages then have ``scale`` 1).
+        name: Label for progress and error messages.
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    halo: int | None = 1
+    scale: Fraction = Fraction(1)
+    norm: nn.GroupNorm | None = None
+    act: nn.Module | None = None
+    skip: nn.Module | None = None
+    name: str = ""
+
+
+def _norm(module: nn.Module, where: str) -> nn.GroupNorm | None:
+    if isinstance(module, nn.Identity):
+        return None
+    if type(module) is not nn.GroupNorm:
+        raise ValueError(
+            f"{where}: layer-by-layer inference supports GroupNorm (or no norm), "
+            f"got {type(module).__name__}"
+        )
+    return module
+
+
+def _resblock_stages(block: ResBlock, name: str) -> list[Stage]:
+    if block.emb_proj is not None:
+        raise ValueError(f"{name}: a ResBlock with an embedding cannot be run layer by layer")
+    conv2, dropout = block.conv2, block.dropout
+
+    def second(h: Tensor) -> Tensor:
+        return conv2(dropout(h))
+
+    return [
+        Stage(block.conv1, 1, norm=_norm(block.norm1, name), act=block.act1, name=f"{name}.conv1"),
+        Stage(
+            second,
+            1,
+            norm=_norm(block.norm2, name),
+            act=block.act2,
+            skip=block.skip,
+            name=f"{name}.conv2",
+        ),
+    ]
+
+
+def module_stages(module: nn.Module, name: str) -> list[Stage]:
+    """The stages of one building block: a ResBlock (two stages), self-attention (one global
+    stage), an Up- or Downsample (one stage with its halo and scale), or a plain convolution.
+
+    Raises:
+        ValueError: For a block with no layer-by-layer form.
+    """
+    if isinstance(module, ResBlock):
+        return _resblock_stages(module, name)
+    if isinstance(module, SelfAttention):
+        return [Stage(module, None, name=name)]
+    if isinstance(module, Upsample):
+        # nearest + 3x3 conv and the 4x4 transposed conv need one input voxel; the FIR filter
+        # (up to 4 taps) two more.
+        return [Stage(module, 3 if module.mode == "fir" else 1, Fraction(2), name=name)]
+    if isinstance(module, Downsample):
+        # Even halos keep every tile's stride-2 grid on the whole volume's.
+        return [Stage(module, 4 if module.mode == "fir" else 2, Fraction(1, 2), name=name)]
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+        if any(s != 1 for s in module.stride) or any(d != 1 for d in module.dilation):
+            raise ValueError(f"{name}: only stride-1, undilated convolutions are supported")
+        halo = max(k // 2 for k in module.kernel_size)
+        return [Stage(module, halo, name=name)]
+    raise ValueError(f"{name}: {type(module).__name__} has no layer-by-layer form")
