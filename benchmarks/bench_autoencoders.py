@@ -37,16 +37,18 @@ Writes benchmarks/results/autoencoders_{device}.json and prints a markdown table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 import medgen
+import medgen.tiling
 from medgen.data import PhantomDataset
 from medgen.models import AutoencoderKL
 
@@ -115,6 +117,23 @@ def seam_error(tiled: torch.Tensor, whole: torch.Tensor, border: int) -> dict[st
     }
 
 
+@contextlib.contextmanager
+def _record_intermediates(sizes: list[int]) -> Iterator[None]:
+    """Record the byte size of every intermediate volume layer-by-layer decoding allocates."""
+    original = medgen.tiling._Store.empty
+
+    def empty(store, shape, dtype):  # noqa: ANN001, ANN202
+        volume = original(store, shape, dtype)
+        sizes.append(volume.numel() * volume.element_size())
+        return volume
+
+    medgen.tiling._Store.empty = empty
+    try:
+        yield
+    finally:
+        medgen.tiling._Store.empty = original
+
+
 def run_size(model: AutoencoderKL, size: int, args, device: torch.device) -> dict:
     f = model.downsample_factor
     image = PhantomDataset(spatial_dims=3, size=size, length=1, seed=1)[0]["image"][None]
@@ -129,16 +148,25 @@ def run_size(model: AutoencoderKL, size: int, args, device: torch.device) -> dic
         record["whole"] = {"peak_bytes": peak, "seconds": seconds}
         print(f"  whole: peak {peak / 2**20:.0f} MiB, {seconds:.1f} s", flush=True)
         whole = whole.cpu()
-    for mode in ("global", "tile"):
+    for mode in args.modes:
         # The output volume is allocated before the call and filled by it (``out=``): the peak
         # measured is then the decoding's working memory; holding the output in the same memory
         # adds exactly its size (it is live for the whole call), reported as peak_with_output.
         target = torch.empty(1, 1, *(n * f for n in z.shape[2:]), device=device)
-        out, peak, seconds = measure(
-            lambda mode=mode, target=target: model.decode(z, norm_stats=mode, out=target, **common),
-            device,
-            preallocated=(target,),
-        )
+        if mode == "layerwise":
+            # Exact layer-by-layer decoding; its intermediate volumes go to memory-mapped files
+            # (on a GPU they would be in host memory), so they are not in the measured peak;
+            # their largest size is recorded.
+            kwargs = dict(tile=args.tile, layerwise=True, offload_dir=args.offload_dir)
+        else:
+            kwargs = dict(norm_stats=mode, **common)
+        sizes: list[int] = []
+        with _record_intermediates(sizes):
+            out, peak, seconds = measure(
+                lambda kwargs=kwargs, target=target: model.decode(z, out=target, **kwargs),
+                device,
+                preallocated=(target,),
+            )
         output_bytes = target.numel() * target.element_size()
         entry = {
             "peak_bytes": peak,
@@ -146,10 +174,13 @@ def run_size(model: AutoencoderKL, size: int, args, device: torch.device) -> dic
             "peak_with_output_bytes": peak + output_bytes,
             "seconds": seconds,
         }
+        if sizes:
+            entry["largest_intermediate_bytes"] = max(sizes)
+            entry["intermediates"] = len(sizes)
         if whole is not None and size > args.tile * f:
             entry.update(seam_error(out.cpu(), whole, args.border))
         record[f"tiled_{mode}"] = entry
-        print(f"  tiled ({mode} statistics): peak {peak / 2**20:.0f} MiB, {seconds:.1f} s, {entry}")
+        print(f"  tiled ({mode}): peak {peak / 2**20:.0f} MiB, {seconds:.1f} s, {entry}")
         del out
     return record
 
@@ -165,6 +196,20 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=0, help="latent voxels")
     parser.add_argument("--border", type=int, default=16, help="image voxels left out of errors")
     parser.add_argument("--max-whole", type=int, default=256, help="largest whole decoding")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("global", "tile", "layerwise"),
+        default=["global", "tile", "layerwise"],
+        help="tiled decodings to run: blended with whole-volume or per-tile statistics, or exact "
+        "layer by layer",
+    )
+    parser.add_argument(
+        "--offload-dir",
+        type=Path,
+        default=Path("/tmp/medgen_bench_offload"),
+        help="where layer-by-layer decoding keeps its intermediate volumes",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--table", type=Path, default=None, help="print a results file's table")
@@ -189,7 +234,7 @@ def main() -> None:
     print(f"one tile ({args.tile * f}^3 output): peak {tile_peak / 2**20:.0f} MiB", flush=True)
     results = [run_size(model, size, args, device) for size in args.sizes]
     for r in results:
-        for key in ("tiled_global", "tiled_tile"):
+        for key in (f"tiled_{mode}" for mode in args.modes):
             r[key]["peak_vs_one_tile"] = r[key]["peak_bytes"] / tile_peak
             r[key]["peak_with_output_vs_one_tile"] = r[key]["peak_with_output_bytes"] / tile_peak
 
@@ -223,18 +268,31 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+LABELS = {
+    "global": "blended, whole-volume stats",
+    "tile": "blended, per-tile stats",
+    "layerwise": "layer by layer (exact)",
+}
+
+
 def markdown_table(record: dict) -> str:
     mib = 2**20
     tile_peak = record["one_tile"]["peak_bytes"]
     t = record["tiling"]
+    modes = [m for m in LABELS if any(f"tiled_{m}" in r for r in record["results"])]
+    header = ["volume", "whole: peak MiB / s"]
+    for mode in modes:
+        header += [
+            f"{LABELS[mode]}: working peak MiB (x one tile) / with the output in the same "
+            "memory (x one tile) / s",
+            "interior error max / mean",
+        ]
     lines = [
         f"One {t['tile_image']}^3 tile alone: peak {tile_peak / mib:.0f} MiB. Tiles of "
-        f"{t['tile_latent']}^3 latent voxels, overlap {t['overlap']}.",
+        f"{t['tile_latent']}^3 latent voxels; blended tiles overlap {t['overlap']}.",
         "",
-        "| volume | whole: peak MiB / s | tiled, global stats: working peak MiB (x one tile) "
-        "/ with the output in the same memory (x one tile) / s | interior error max / mean "
-        "| tiled, per-tile stats: working peak MiB / s | interior error max / mean |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
 
     def err(e: dict) -> str:
@@ -244,14 +302,25 @@ def markdown_table(record: dict) -> str:
 
     for r in record["results"]:
         w = r.get("whole")
-        whole = f"{w['peak_bytes'] / mib:.0f} / {w['seconds']:.1f}" if w else "not run"
-        g, p = r["tiled_global"], r["tiled_tile"]
-        lines.append(
-            f"| {r['size']}^3 | {whole} | {g['peak_bytes'] / mib:.0f} "
-            f"({g['peak_vs_one_tile']:.2f}x) / {g['peak_with_output_bytes'] / mib:.0f} "
-            f"({g['peak_with_output_vs_one_tile']:.2f}x) / {g['seconds']:.1f} | {err(g)} | "
-            f"{p['peak_bytes'] / mib:.0f} / {p['seconds']:.1f} | {err(p)} |"
-        )
+        row = [
+            f"{r['size']}^3",
+            f"{w['peak_bytes'] / mib:.0f} / {w['seconds']:.1f}" if w else "not run",
+        ]
+        for mode in modes:
+            e = r.get(f"tiled_{mode}")
+            if e is None:
+                row += ["not run", "n/a"]
+                continue
+            with_output = e.get("peak_with_output_bytes")  # older results did not record it
+            both = (
+                f"{with_output / mib:.0f} ({with_output / tile_peak:.2f}x)" if with_output else "-"
+            )
+            row += [
+                f"{e['peak_bytes'] / mib:.0f} ({e['peak_bytes'] / tile_peak:.2f}x) / {both} / "
+                f"{e['seconds']:.1f}",
+                err(e),
+            ]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -154,11 +154,19 @@ class _Peak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
+        # An output that shares an input's storage (a view, an in-place op, ``copy_`` into a
+        # slice) creates nothing: without this, slicing a tensor made outside the counter (the
+        # input, or a memory-mapped volume) would count that whole tensor as created.
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, Tensor) and t.device.type != "meta"
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.device.type != "meta":
                 s = t.untyped_storage()
                 key = id(s)
-                if s.data_ptr() in self.ignored:
+                if key not in self.seen and s.data_ptr() in self.ignored | inputs:
                     continue
                 if key not in self.seen and s.nbytes() > 0:
                     self.seen.add(key)

@@ -6,8 +6,10 @@ cache a dataset's latents for the diffusion stage.
 1. trains the `autoencoder_kl_3d` experiment for a few steps on phantom volumes (any 3D `data=`
    option works the same way, e.g. `data=nifti_folder data.train.source=/data/brains`),
 2. encodes a larger phantom volume and decodes its latent in tiles (tile size in latent voxels),
-   comparing with whole-volume decoding, then decodes it again straight into a memory-mapped
-   ``.npy`` file (``out=``), as for a volume larger than memory, and
+   blended and, exactly, layer by layer (``layerwise=True``), comparing both with whole-volume
+   decoding, then decodes it again straight into a memory-mapped ``.npy`` file (``out=``), with
+   the layer-by-layer intermediates in memory-mapped files too, as for a volume larger than
+   memory, and
 3. runs `medgen-encode` from Python: one `.npy` latent per volume plus `latents.json` with the
    scale factor, read back by `medgen.data.LatentDataset` as unit-variance training data.
 
@@ -61,16 +63,27 @@ def main() -> None:
     whole = model.decode(z)
     tiled = model.decode(z, tile=args.size // 4, overlap=0.5)
     error = float((tiled - whole).abs().mean() / (whole.max() - whole.min()))
-    print(f"latent {tuple(z.shape)}; tiled vs whole decoding: mean difference {error:.2e}")
-    # ... and straight into a memory-mapped .npy file, for volumes larger than memory
+    print(f"latent {tuple(z.shape)}; blended tiles vs whole decoding: mean difference {error:.2e}")
+    # exact: every decoder stage over the whole volume, tile by tile with real halos
+    exact = model.decode(z, tile=args.size // 4, layerwise=True)
+    error = float((exact - whole).abs().max() / (whole.max() - whole.min()))
+    print(f"layer-by-layer tiles vs whole decoding: max difference {error:.2e}")
+    # ... and straight into a memory-mapped .npy file, for volumes larger than memory; the
+    # intermediate volumes go to memory-mapped files in offload_dir (removed afterwards)
     args.output.mkdir(parents=True, exist_ok=True)
     mapped = np.lib.format.open_memmap(
         args.output / "decoded.npy", mode="w+", dtype=np.float32, shape=tuple(whole.shape)
     )
-    model.decode(z, tile=args.size // 4, overlap=0.5, out=torch.from_numpy(mapped))
+    model.decode(
+        z,
+        tile=args.size // 4,
+        layerwise=True,
+        offload_dir=args.output / "offload",
+        out=torch.from_numpy(mapped),
+    )
     mapped.flush()
-    torch.testing.assert_close(torch.from_numpy(np.load(args.output / "decoded.npy")), tiled)
-    print(f"decoded into {args.output / 'decoded.npy'} (identical to the in-memory tiled result)")
+    torch.testing.assert_close(torch.from_numpy(np.load(args.output / "decoded.npy")), exact)
+    print(f"decoded into {args.output / 'decoded.npy'} (identical to the in-memory result)")
 
     # 3. cache the latents of a dataset (what `medgen-encode checkpoint=... data=...` does)
     latent_dir = args.output / "latents"

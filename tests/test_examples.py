@@ -91,3 +91,9 @@ def test_latent_cache_example(
     assert float(out.split("scaled training latents: std")[1].split()[0]) == pytest.approx(1.0)
     assert (tmp_path / "latents" / "latents.json").is_file()
     assert len(list((tmp_path / "latents" / "train").glob("*.npy"))) == 8
+    # the layer-by-layer decoding is whole decoding up to float rounding
+    assert (
+        float(out.split("layer-by-layer tiles vs whole decoding: max difference")[1].split()[0])
+        < 1e-5
+    )
+    assert list((tmp_path / "offload").iterdir()) == []
