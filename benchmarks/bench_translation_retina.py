@@ -11,7 +11,9 @@ learning-rate policy (pix2pix's "linear": constant, then linear to 0 over the se
 weights and crops; they differ only in the reconstruction term (``--models``): L1 x 100 as in
 pix2pix, the BCI pyramid (L1 at 4 scales, 25 each), or L1 x 25 (the pyramid's first level alone,
 BCI's ablation baseline). ``--misregister K`` shifts every training target by up to ``K`` pixels
-against its input (test pairs stay aligned). The default generator is a ResNet (ngf 16, 6
+against its input (test pairs stay aligned). ``--contrast`` makes the target ``1 - sharp**0.7``
+(inverted, gamma 0.7): a translation whose low frequencies change too, as in stain or MR-contrast
+translation, where the pyramid's coarse levels carry information that defocus leaves intact. The default generator is a ResNet (ngf 16, 6
 blocks, batch norm) with a global residual whose last convolution starts at zero, so every model
 starts from the identity (the blurred input) and learns the correction; ``--generator unet`` uses
 pix2pix's UNet, which needs many more steps to reach the input's PSNR.
@@ -194,6 +196,12 @@ def main() -> None:
         default=0,
         help="shift each training target by up to this many pixels against its input",
     )
+    parser.add_argument(
+        "--contrast",
+        action="store_true",
+        help="translate contrast as well: the target is 1 - sharp**0.7 (inverted, gamma 0.7), so "
+        "low frequencies change too, as in a stain or MR-contrast translation",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -203,6 +211,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     blurred, sharp, mask = retina_pair(args.radius)
+    if args.contrast:
+        sharp = 1.0 - sharp.pow(0.7)
     width = sharp.shape[-1]
     split = int(0.7 * width)
     train_corners = crops_inside(mask, args.crop, (0, split), 8)
