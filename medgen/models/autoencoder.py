@@ -269,13 +269,13 @@ class LatentAutoencoder(GenerativeModule):
 
     def _encode_net(self, x: Tensor) -> Tensor:
         """Continuous latents of ``x`` (no quantisation), ``(B, C_latent, *spatial / f)``."""
-        raise NotImplementedError
+        return self._encoder_head(self.net.encoder(x))
 
     def _post_encode(self, z: Tensor) -> Tensor:
         return z
 
     def _encoder_head(self, h: Tensor) -> Tensor:
-        """Continuous latents from the encoder net's output (what :meth:`_encode_net` adds)."""
+        """Continuous latents from the encoder net's output (identity; the KL posterior mean)."""
         return h
 
     @torch.no_grad()
@@ -660,10 +660,8 @@ class AutoencoderKL(LatentAutoencoder):
     def discriminators(self) -> list[nn.Module]:
         return [self.discriminator] if self.discriminator is not None else []
 
-    def _encode_net(self, x: Tensor) -> Tensor:
-        return self.net.encode(x).mode()
-
     def _encoder_head(self, h: Tensor) -> Tensor:
+        # The posterior mean of the encoder's moments.
         return DiagonalGaussian.from_moments(h).mode()
 
     def _random_latents(self, num: int, shape: tuple[int, ...], generator) -> Tensor:
@@ -824,9 +822,6 @@ class VQGAN(LatentAutoencoder):
         return [d for d in (self.image_discriminator, self.volume_discriminator) if d is not None]
 
     # ----------------------------------------------------------------- codes
-    def _encode_net(self, x: Tensor) -> Tensor:
-        return self.net.encode(x)
-
     def _post_encode(self, z: Tensor) -> Tensor:
         # Quantise after blending: blended codes are not codes. Eval mode: the codebook is fixed.
         return self.quantize(z)
