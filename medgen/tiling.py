@@ -32,6 +32,13 @@ MAISI / MONAI's sliding-window decoding keeps per-tile statistics.
 
 Self-attention over all positions (e.g. the middle block of an autoencoder with attention) has no
 such fix: tiled inference of such a net is approximate whatever the statistics.
+
+What this blended method keeps is the border effect: a tile's outputs near its edge lack the
+context a trained decoder's wide receptive field needs. :func:`layerwise_apply` removes it too:
+it runs a net given as stages (:mod:`medgen.nn.layerwise`) one stage at a time over the whole
+volume, each tile with an exact halo and the exact statistics, keeping the intermediate volumes
+off the compute device; the result is whole-volume inference up to float rounding (self-attention
+included, run whole at its resolution).
 """
 
 from __future__ import annotations
