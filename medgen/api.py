@@ -315,6 +315,8 @@ def _translate(cfg: DictConfig, model: torch.nn.Module) -> list[Path]:
         deterministic=bool(cfg.get("deterministic", True)),
         batch_tiles=int(cfg.get("batch_tiles", 1)),
         input_preset=to_plain(cfg.input_preset) if cfg.get("input_preset") else None,
+        layerwise=bool(cfg.get("layerwise", False)),
+        offload_dir=cfg.get("offload_dir"),
     )
     log.info("medgen: translated %d files into %s", len(paths), cfg.output_dir)
     return paths

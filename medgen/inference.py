@@ -461,6 +461,8 @@ def translate_files(
     deterministic: bool = True,
     batch_tiles: int = 1,
     input_preset: Any = None,
+    layerwise: bool = False,
+    offload_dir: str | Path | None = None,
 ) -> list[Path]:
     """Translate an image file, or every image file of a folder, with a translation model.
 
@@ -545,6 +547,8 @@ def translate_files(
                 margin=margin,
                 deterministic=deterministic,
                 batch_tiles=batch_tiles,
+                layerwise=layerwise,
+                offload_dir=offload_dir,
             )
             suffix = image_suffix(path) if path.is_file() else ""
             suffix = _OUTPUT_SUFFIX.get(suffix, suffix)

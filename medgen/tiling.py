@@ -100,12 +100,14 @@ class _GroupSums:
             self.sum = torch.zeros(batch, groups, dtype=torch.float64, device=x.device)
             self.sumsq = torch.zeros(batch, groups, dtype=torch.float64, device=x.device)
         assert self.sumsq is not None
-        dims = tuple(range(1, x.ndim))
-        # One group at a time: the float64 copy is 1/groups of the piece, not all of it.
-        for g in range(groups):
-            values = x[:, g * per : (g + 1) * per].double()
-            self.sum[:, g] += values.sum(dims)
-            self.sumsq[:, g] += values.square_().sum(dims)
+        # A few groups at a time: the float64 copy is at most 1/16 of the piece's channels (one
+        # group when groups are wider), not all of it.
+        chunk = max(1, x.shape[1] // 16 // per)
+        for g in range(0, groups, chunk):
+            n = min(chunk, groups - g)
+            values = x[:, g * per : (g + n) * per].double().reshape(batch, n, -1)
+            self.sum[:, g : g + n] += values.sum(-1)
+            self.sumsq[:, g : g + n] += values.square_().sum(-1)
         self.count += per * x[0, 0].numel()
 
     def moments(self) -> tuple[Tensor, Tensor] | None:
@@ -117,17 +119,18 @@ class _GroupSums:
         return mean, (self.sumsq / self.count - mean.square()).clamp_min(0.0)
 
 
-def group_norm_with_stats(x: Tensor, norm: nn.GroupNorm, mean: Tensor, var: Tensor) -> Tensor:
+def group_norm_with_stats(x: Tensor, norm: nn.Module, mean: Tensor, var: Tensor) -> Tensor:
     """``norm(x)`` with given per-sample, per-group ``mean`` and ``var`` ``(B, groups)``.
 
-    A pointwise affine map ``x * a + b`` with per-channel ``a, b``, computed as one output tensor.
+    ``norm`` is a GroupNorm or an instance norm (one group per channel). A pointwise affine map
+    ``x * a + b`` with per-channel ``a, b``, computed as one output tensor.
     """
     batch, channels = x.shape[:2]
     if mean.shape[0] != batch:
         raise ValueError(
             f"frozen GroupNorm statistics are for batch {mean.shape[0]}, got batch {batch}"
         )
-    per = channels // norm.num_groups
+    per = channels // mean.shape[1]
     # Per-channel scale and shift: y = x * a + b, with the group statistics broadcast.
     rstd = torch.rsqrt(var.to(x.device) + norm.eps)
     scale = rstd.repeat_interleave(per, dim=1)  # (B, C)
@@ -323,18 +326,39 @@ def tiled_apply_global_norm(
 # Exact tiled inference, layer by layer
 
 
+def _stat_groups(norm: nn.Module | None, where: str) -> int | None:
+    """Groups whose whole-input statistics ``norm`` needs; ``None`` for a pointwise norm."""
+    if norm is None:
+        return None
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_groups
+    if isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+        if norm.training or not norm.track_running_stats:
+            return norm.num_features
+        return None  # running statistics: pointwise
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        if norm.training or norm.running_mean is None:
+            raise ValueError(
+                f"stage {where!r}: batch norm with batch statistics (training mode) cannot run "
+                "layer by layer; put the net in evaluation mode"
+            )
+        return None
+    raise ValueError(f"stage {where!r}: unsupported norm {type(norm).__name__}")
+
+
 def _stage_forward(stage: Stage, h: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
-    """``fn(act(norm(h)))`` with the whole input's GroupNorm statistics."""
+    """``fn(act(norm(h)))`` with the whole input's normalisation statistics."""
     if stage.norm is not None:
-        assert stats is not None
-        h = group_norm_with_stats(h, stage.norm, *stats)
+        # With no statistics the norm is pointwise (running statistics) and makes a new tensor.
+        h = stage.norm(h) if stats is None else group_norm_with_stats(h, stage.norm, *stats)
         if type(stage.act) is nn.SiLU:
             # h is the norm's fresh output, never a view of the stored input: activate in place.
             h = F.silu(h, inplace=True)
         elif stage.act is not None:
             h = stage.act(h)
     elif stage.act is not None:
-        h = stage.act(h)
+        # h may be a view of the stored input: an in-place activation must not write into it.
+        h = stage.act(h.clone() if getattr(stage.act, "inplace", False) else h)
     return stage.fn(h)
 
 
@@ -470,6 +494,21 @@ def layerwise_apply(
     device = x.device if device is None else torch.device(device)
     output_device = x.device if output_device is None else torch.device(output_device)
     sizes = _stage_sizes(stages, tuple(int(n) for n in x.shape[2:]))
+    groups = [_stat_groups(stage.norm, stage.name) for stage in stages]
+    # Stage inputs that a later stage adds as a shortcut, and the last stage that needs each.
+    last_use: dict[int, int] = {}
+    for i, stage in enumerate(stages):
+        if stage.skip is None:
+            continue
+        source = i - int(stage.skip_back)
+        if not 0 <= source < i:
+            raise ValueError(f"stage {stage.name!r}: skip_back {stage.skip_back} has no source")
+        if sizes[source] != sizes[i + 1]:
+            raise ValueError(
+                f"stage {stage.name!r} adds a shortcut of size {sizes[source]} to an output of "
+                f"size {sizes[i + 1]}"
+            )
+        last_use[source] = i
     if out is not None and tuple(out.shape[2:]) != sizes[-1]:
         raise ValueError(f"out has spatial size {tuple(out.shape[2:])}; expected {sizes[-1]}")
 
@@ -492,7 +531,8 @@ def layerwise_apply(
                 )
             )
         store = _Store(directory)
-        cur, prev = x, None
+        cur = x
+        kept: dict[int, Tensor] = {}
         pending: _GroupSums | None = None
         resolution = Fraction(1)
         for i, stage in enumerate(stages):
@@ -508,16 +548,19 @@ def layerwise_apply(
                 for starts, t, n in zip(axes, stage_tile, size, strict=True)
             ]
 
+            if i in last_use:
+                kept[i] = cur
+            shortcut = kept[i - stage.skip_back] if stage.skip is not None else None
             stats = None
-            if stage.norm is not None:
+            if groups[i] is not None:
                 if pending is None:  # the input's statistics were not gathered when it was made
-                    pending = _GroupSums(stage.norm.num_groups)
+                    pending = _GroupSums(groups[i])
                     for box in itertools.product(*cores):
                         region = tuple(slice(a, b) for a, b in box)
                         pending.add(cur[(slice(None), slice(None), *region)].to(device))
                 stats = pending.moments()
-            following = None if last else stages[i + 1].norm
-            sums = None if following is None else _GroupSums(following.num_groups)
+            following = None if last else groups[i + 1]
+            sums = None if following is None else _GroupSums(following)
 
             target = out if last else None
             if last:
@@ -531,8 +574,8 @@ def layerwise_apply(
                         f"stage {stage.name!r} gave size {tuple(y.shape[2:])}; expected {out_size}"
                     )
                 if stage.skip is not None:
-                    assert prev is not None
-                    y += stage.skip(prev.to(device))
+                    assert shortcut is not None
+                    y += stage.skip(shortcut.to(device))
                 target = _place(y, tuple(slice(None) for _ in size), target, sums, allocate)
                 del y
             else:
@@ -558,14 +601,17 @@ def layerwise_apply(
                     y = y[(slice(None), slice(None), *crop)]
                     core = tuple(slice(int(a * scale), int(b * scale)) for a, b in box)
                     if stage.skip is not None:
-                        assert prev is not None
-                        y = y + stage.skip(prev[(slice(None), slice(None), *core)].to(device))
+                        assert shortcut is not None
+                        piece = shortcut[(slice(None), slice(None), *core)].to(device)
+                        y = y + stage.skip(piece)
                     target = _place(y, core, target, sums, allocate)
                     del y
             assert target is not None
-            # The input is kept for the next stage only if that stage adds a shortcut from it.
-            keep = not last and stages[i + 1].skip is not None
-            prev, cur, pending = (cur if keep else None), target, sums
+            # Inputs are kept only until the last stage that adds them as a shortcut.
+            for source in [j for j in kept if last_use[j] <= i]:
+                del kept[source]
+            shortcut = None
+            cur, pending = target, sums
             resolution *= scale
             if bar is not None:
                 bar.update(1)

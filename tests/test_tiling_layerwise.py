@@ -12,10 +12,12 @@ from torch import nn
 
 import medgen
 from medgen.api import encode
-from medgen.models import VQGAN, AutoencoderKL
-from medgen.nets import Decoder, Encoder
+from medgen.data import read, write
+from medgen.inference import translate_files
+from medgen.models import VQGAN, AutoencoderKL, CycleGAN, Pix2Pix
+from medgen.nets import Decoder, Encoder, ResnetGenerator
 from medgen.nn import ResBlock
-from medgen.nn.layerwise import Stage, module_stages
+from medgen.nn.layerwise import Stage, check_norm, module_stages
 from medgen.tiling import layerwise_apply
 
 
@@ -147,8 +149,11 @@ def test_bad_inputs_are_clear_errors():
         layerwise_apply(wrong, torch.randn(1, 1, 8, 8), 4)
     with pytest.raises(ValueError, match="embedding"):
         module_stages(ResBlock(2, 4, 4, emb_channels=8, norm_num_groups=2), "block")
-    with pytest.raises(ValueError, match="supports GroupNorm"):
-        module_stages(ResBlock(2, 4, 4, norm="batch"), "block")
+    with pytest.raises(ValueError, match="supports group, instance and batch norm"):
+        check_norm(nn.LayerNorm(4), "block")
+    norm_training = ResBlock(2, 4, 4, norm="batch").train()
+    with pytest.raises(ValueError, match="batch norm with batch statistics"):
+        layerwise_apply(module_stages(norm_training, "block"), torch.randn(1, 4, 4, 4), 2)
     with pytest.raises(ValueError, match="no layer-by-layer form"):
         module_stages(nn.LSTM(2, 2), "lstm")
 
@@ -211,3 +216,92 @@ def test_medgen_encode_layerwise_matches_whole(tmp_path):
         np.testing.assert_allclose(
             np.load(b), np.load(a), rtol=0, atol=1e-5 * np.abs(np.load(a)).max()
         )
+
+
+# ----------------------------------------------------------------------- translation generators
+@pytest.mark.parametrize(
+    ("spatial_dims", "norm", "upsample", "padding", "residual", "dropout", "final_act"),
+    [
+        (2, "instance", "transpose", "reflect", False, False, None),
+        (2, "batch", "resize_conv", "zero", True, True, "tanh"),
+        (2, "none", "transpose", "replicate", True, False, None),
+        (3, "instance", "resize_conv", "reflect", True, False, None),
+    ],
+)
+def test_resnet_generator_layerwise_equals_whole(
+    spatial_dims, norm, upsample, padding, residual, dropout, final_act
+):
+    generator = ResnetGenerator(
+        spatial_dims,
+        2,
+        2,
+        ngf=8,
+        n_blocks=2,
+        norm=norm,
+        use_dropout=dropout,
+        padding_type=padding,
+        upsample=upsample,
+        global_residual=residual,
+        final_act=final_act,
+    )
+    _randomise(generator)
+    with torch.no_grad():
+        generator.apply(lambda m: m.weight.mul_(0.5) if isinstance(m, nn.Conv2d) else None)
+        for m in generator.modules():  # batch norm with non-trivial running statistics
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(generator=torch.Generator().manual_seed(8))
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(
+        2, 2, *_shape(spatial_dims, (36, 28), 12), generator=torch.Generator().manual_seed(9)
+    )
+    with torch.no_grad():
+        whole = generator(x)
+    tiled = layerwise_apply(generator.stages(), x, 12)
+    assert tiled.shape == whole.shape
+    assert _rel_err(tiled, whole) < 1e-5
+
+
+def test_cyclegan_translate_layerwise_is_the_whole_image_pass(tmp_path):
+    # Instance norm: blended tiles normalise with each tile's statistics, so they differ from
+    # the whole image everywhere; layer by layer they do not.
+    torch.manual_seed(0)
+    model = CycleGAN(
+        spatial_dims=2,
+        generator={"_target_": "medgen.nets.ResnetGenerator", "ngf": 8, "n_blocks": 2},
+    )
+    _randomise(model, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.2)
+    x = torch.rand(1, 1, 70, 53, generator=torch.Generator().manual_seed(10))  # odd: padded to 4
+    whole = model.translate(x, tile=None)
+    exact = model.translate(x, tile=32, layerwise=True)
+    blended = model.translate(x, tile=32, overlap=0.5)
+    scale = float(whole.max() - whole.min())
+    assert exact.shape == whole.shape == x.shape
+    assert float((exact - whole).abs().max()) / scale < 1e-5
+    assert float((blended - whole).abs().mean()) / scale > 1e-2
+    # files: the same through translate_files (what medgen-sample layerwise=true calls)
+    write(
+        (x[0] * 65535).round().to(torch.int32).numpy().astype("uint16"), tmp_path / "in" / "a.png"
+    )
+    out = translate_files(
+        model, tmp_path / "in", tmp_path / "out", tile=32, layerwise=True, offload_dir=tmp_path
+    )
+    reference = translate_files(model, tmp_path / "in", tmp_path / "ref", tile=None)
+    np.testing.assert_allclose(
+        read(out[0]).numpy().astype(np.float64),
+        read(reference[0]).numpy().astype(np.float64),
+        atol=1,
+    )
+    with pytest.raises(ValueError, match="evaluation mode"):
+        model.translate(x, tile=32, layerwise=True, deterministic=False)
+
+
+def test_layerwise_translation_refuses_a_unet():
+    model = Pix2Pix(
+        spatial_dims=2,
+        generator={"_target_": "medgen.nets.UnetGenerator", "num_downs": 3, "ngf": 4},
+    )
+    with pytest.raises(ValueError, match="needs a ResNet generator; UnetGenerator"):
+        model.translate(torch.rand(1, 1, 40, 40), tile=16, layerwise=True)

@@ -16,7 +16,8 @@ statistics), so the same input always gives the same output.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from medgen.losses.pyramid import PyramidL1Loss
 from medgen.metrics import PairwiseMetrics
 from medgen.models.gan import DEFAULT_GAN_OPTIMIZER, AdversarialModule, build_net, has_batch_norm
 from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
+from medgen.tiling import layerwise_apply
 from medgen.utils.image_pool import ImagePool
 
 #: GAN modes of the reference code, and the loss of :mod:`medgen.losses.adversarial` each uses.
@@ -227,18 +229,22 @@ class TranslationModule(AdversarialModule):
                 )
         return a, b
 
-    def _run(self, generator: nn.Module, x: Tensor) -> Tensor:
-        """``generator(x)`` in net units, reflect-padding to its size multiple and cropping back."""
+    def _run(
+        self, generator: nn.Module, x: Tensor, net: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """``generator(x)`` in net units, reflect-padding to its size multiple and cropping back
+        (``net``, if given, runs instead of ``generator``)."""
+        net = generator if net is None else net
         multiple = size_multiple(generator)
         spatial = x.shape[2:]
         pad = [(-s) % multiple for s in spatial]
         if not any(pad):
-            return generator(x)
+            return net(x)
         flat: list[int] = []
         for p in reversed(pad):  # F.pad lists the last axis first
             flat += [p // 2, p - p // 2]
         mode = "reflect" if all(p < s for p, s in zip(pad, spatial, strict=True)) else "replicate"
-        out = generator(F.pad(x, flat, mode=mode))
+        out = net(F.pad(x, flat, mode=mode))
         index = [slice(None), slice(None)] + [
             slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial, strict=True)
         ]
@@ -270,6 +276,8 @@ class TranslationModule(AdversarialModule):
         margin: int | Sequence[int] | str = "auto",
         deterministic: bool = True,
         batch_tiles: int = 1,
+        layerwise: bool = False,
+        offload_dir: str | Path | None = None,
     ) -> Tensor:
         """Translate images ``(B, C_in, *spatial)`` (or one ``(C_in, *spatial)``) in data units.
 
@@ -290,6 +298,14 @@ class TranslationModule(AdversarialModule):
                 reproduces the reference code's test mode (dropout and batch statistics on),
                 without changing the stored statistics.
             batch_tiles: Tiles per generator call.
+            layerwise: Translate tiled images layer by layer (:func:`medgen.tiling.layerwise_apply`,
+                ResNet generators): every stage runs over the whole image in tiles with exact
+                halos and whole-image instance-norm statistics, so the result equals a
+                whole-image pass up to float rounding, with one tile's memory on the model's
+                device and the intermediate images in host memory (or ``offload_dir``).
+                ``overlap``, ``margin`` and ``batch_tiles`` are then unused.
+            offload_dir: With ``layerwise``, a directory for the intermediate images
+                (memory-mapped files, removed afterwards) instead of host memory.
 
         Returns:
             ``(B, C_out, *spatial)`` float32 in data units (``(C_out, *spatial)`` for one image).
@@ -311,9 +327,31 @@ class TranslationModule(AdversarialModule):
             t = self.to_net(t.to(self.device, self.dtype))
             return self._run(generator, t).float()
 
+        if layerwise and tiles is not None:
+            if not hasattr(generator, "stages"):
+                raise ValueError(
+                    f"layerwise translation needs a ResNet generator; {type(generator).__name__} "
+                    "has no layer-by-layer form (translate it with blended tiles)"
+                )
+            if not deterministic:
+                raise ValueError("layerwise translation runs in evaluation mode (deterministic)")
+
+            def staged(t: Tensor) -> Tensor:
+                return layerwise_apply(
+                    generator.stages(),
+                    t,
+                    tiles,
+                    device=self.device,
+                    offload_dir=offload_dir,
+                    output_device=x.device,
+                )
+
         with inference_mode(generator, deterministic):
             if tiles is None:
                 out = fn(x).to(x.device)
+            elif layerwise:
+                # The whole image in net units (pointwise), padded once; tiles move to the device.
+                out = self._run(generator, self.to_net(x.to(self.dtype)), staged).float()
             else:
                 if margin == "auto":
                     margin = [int(overlap * t) // 2 for t in tiles]

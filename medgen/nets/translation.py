@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
+from fractions import Fraction
 from types import TracebackType
 from typing import Any
 
@@ -42,6 +43,7 @@ from medgen.nn.factories import (
     get_act_layer,
     get_norm_layer,
 )
+from medgen.nn.layerwise import NORMS, Stage, check_norm
 
 __all__ = [
     "INIT_TYPES",
@@ -256,6 +258,108 @@ class ResnetBlock(nn.Module):
         """Map ``(B, C, *spatial)`` to ``(B, C, *spatial)``."""
         return x + self.block(x)
 
+    def stages(self, name: str = "block") -> list[Stage]:
+        """Three stages (see :mod:`medgen.nn.layerwise`): the first convolution; norm, ReLU,
+        (dropout) and the second convolution; the second norm plus the shortcut."""
+        layers = list(self.block)
+        conv_a, norm_a, act, conv_b, norm_b = (*layers[:3], *layers[-2:])
+        second: nn.Module = nn.Sequential(*layers[3:-1])  # (dropout,) conv_b
+        return [
+            Stage(conv_a, _conv_halo(conv_a), name=f"{name}.conv1"),
+            Stage(
+                second,
+                _conv_halo(conv_b),
+                norm=check_norm(norm_a, name),
+                act=act,
+                name=f"{name}.conv2",
+            ),
+            Stage(
+                nn.Identity(),
+                0,
+                norm=check_norm(norm_b, name),
+                skip=nn.Identity(),
+                skip_back=2,
+                name=f"{name}.add",
+            ),
+        ]
+
+
+#: Pointwise activations a generator's layers may use between stages.
+_ACTS = (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh, nn.Sigmoid)
+
+
+def _conv_halo(conv: nn.Module) -> int:
+    """Input voxels of context a (transposed) convolution's outputs need on each side."""
+    if any(d != 1 for d in conv.dilation):
+        raise ValueError("layer-by-layer inference needs undilated convolutions")
+    k = max(conv.kernel_size)
+    # stride 1: k // 2; a stride-2 (transposed) convolution reaches one input voxel further.
+    return k // 2 + (1 if max(conv.stride) > 1 else 0)
+
+
+def _chain_stages(layers: Sequence[nn.Module], prefix: str) -> list[Stage]:
+    """Stages of a plain ``conv → norm → act → ...`` chain with residual blocks in it.
+
+    Each norm and activation is applied by the stage that reads its output (so the norm sees the
+    whole tensor's statistics); a residual block's input is written out normalised first.
+    Returns the stages and leaves the trailing norm/act, if any, as a last pointwise stage.
+    """
+    stages: list[Stage] = []
+    norm: nn.Module | None = None
+    act: nn.Module | None = None
+
+    def flush(name: str) -> None:
+        nonlocal norm, act
+        if norm is not None or act is not None:
+            stages.append(Stage(nn.Identity(), 0, norm=norm, act=act, name=name))
+            norm = act = None
+
+    i = 0
+    while i < len(layers):
+        layer, name = layers[i], f"{prefix}.{i}"
+        if isinstance(layer, ResnetBlock):
+            flush(f"{name}.input")
+            stages += layer.stages(name)
+        elif isinstance(layer, nn.Identity):
+            pass
+        elif isinstance(layer, NORMS):
+            if norm is not None or act is not None:
+                flush(f"{name}.before")
+            norm = layer
+        elif isinstance(layer, _ACTS):
+            if act is not None:
+                flush(f"{name}.before")
+            act = layer
+        elif isinstance(layer, nn.Upsample):
+            conv = layers[i + 1] if i + 1 < len(layers) else None
+            if layer.mode != "nearest" or layer.scale_factor not in (2, 2.0) or conv is None:
+                raise ValueError(f"{name}: only a nearest x2 upsampling before a convolution")
+            stages.append(
+                Stage(
+                    nn.Sequential(layer, conv),
+                    1 + _conv_halo(conv),
+                    Fraction(2),
+                    norm,
+                    act,
+                    name=name,
+                )
+            )
+            norm = act = None
+            i += 1
+        elif isinstance(layer, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            stride = max(layer.stride)
+            if stride not in (1, 2) or len(set(layer.stride)) != 1:
+                raise ValueError(f"{name}: only stride 1 or 2 convolutions are supported")
+            transposed = isinstance(layer, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+            scale = Fraction(1) if stride == 1 else Fraction(2) if transposed else Fraction(1, 2)
+            stages.append(Stage(layer, _conv_halo(layer), scale, norm, act, name=name))
+            norm = act = None
+        else:
+            raise ValueError(f"{name}: {type(layer).__name__} has no layer-by-layer form")
+        i += 1
+    flush(f"{prefix}.out")
+    return stages
+
 
 class ResnetGenerator(_StagedCheckpointMixin):
     """ResNet generator of CycleGAN/pix2pix (``resnet_9blocks``, ``resnet_6blocks``), 2D or 3D.
@@ -368,6 +472,27 @@ class ResnetGenerator(_StagedCheckpointMixin):
         if self.global_residual:
             out = out + x
         return self.final_act(out)
+
+    def stages(self) -> list[Stage]:
+        """This generator as a sequence of local stages (:mod:`medgen.nn.layerwise`), for exact
+        tiled translation with :func:`medgen.tiling.layerwise_apply`: every instance norm then
+        normalises with the whole image's statistics, as in a whole-image pass."""
+        stages = _chain_stages(list(self.body), "body")
+        # The body ends with norm → ReLU, written out by a pointwise stage; the head reads it.
+        last = stages.pop()
+        head = Stage(
+            self.head,
+            _conv_halo(self.head),
+            norm=last.norm,
+            act=last.act,
+            skip=nn.Identity() if self.global_residual else None,
+            skip_back=len(stages),  # the generator's input
+            name="head",
+        )
+        stages.append(head)
+        if not isinstance(self.final_act, nn.Identity):
+            stages.append(Stage(self.final_act, 0, name="final_act"))
+        return stages
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ResBlock
 from medgen.nn.sampling import Downsample, Upsample
 
-__all__ = ["Stage", "module_stages"]
+__all__ = ["NORMS", "Stage", "check_norm", "module_stages"]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a net run layer by layer: ``y = fn(act(norm(x))) [+ skip(x_prev)]``.
+    """One step of a net run layer by layer: ``y = fn(act(norm(x))) [+ skip(x_back)]``.
 
     Attributes:
         fn: A local map: every output voxel depends only on input voxels within ``halo``
@@ -35,30 +35,39 @@ class Stage:
         halo: Input voxels of context ``fn`` needs on each side; ``None`` for a global map
             (self-attention), which runs on the whole tensor at once.
         scale: Output/input size ratio of ``fn`` (2 for an upsampling, 1/2 for a downsampling).
-        norm: A GroupNorm applied to the stage's input with the statistics of the *whole*
-            input (measured by the runner), or ``None``.
+        norm: A normalisation applied to the stage's input: a GroupNorm or an instance norm
+            (normalised with the statistics of the *whole* input, measured by the runner), or a
+            batch norm in evaluation mode (a pointwise map); ``None`` for none.
         act: Activation applied after ``norm`` (``None``: none).
-        skip: If set, ``skip(input of the previous stage)`` is added to the output (a residual
-            block's shortcut; both stages then have ``scale`` 1).
+        skip: If set, ``skip(x_back)`` is added to the output, where ``x_back`` is the input of
+            the stage ``skip_back`` places earlier (1: the previous stage), at this stage's
+            output size: a residual block's shortcut, or a generator's global residual.
+        skip_back: See ``skip``.
         name: Label for progress and error messages.
     """
 
     fn: Callable[[Tensor], Tensor]
     halo: int | None = 1
     scale: Fraction = Fraction(1)
-    norm: nn.GroupNorm | None = None
+    norm: nn.Module | None = None
     act: nn.Module | None = None
     skip: nn.Module | None = None
+    skip_back: int = 1
     name: str = ""
 
 
-def _norm(module: nn.Module, where: str) -> nn.GroupNorm | None:
+#: Normalisations a stage can apply (see :attr:`Stage.norm`).
+NORMS = (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def check_norm(module: nn.Module, where: str) -> nn.Module | None:
+    """``module`` as a stage's norm (``None`` for an identity); other layers are refused."""
     if isinstance(module, nn.Identity):
         return None
-    if type(module) is not nn.GroupNorm:
+    if not isinstance(module, NORMS):
         raise ValueError(
-            f"{where}: layer-by-layer inference supports GroupNorm (or no norm), "
-            f"got {type(module).__name__}"
+            f"{where}: layer-by-layer inference supports group, instance and batch norm (or no "
+            f"norm), got {type(module).__name__}"
         )
     return module
 
@@ -72,11 +81,13 @@ def _resblock_stages(block: ResBlock, name: str) -> list[Stage]:
         return conv2(dropout(h))
 
     return [
-        Stage(block.conv1, 1, norm=_norm(block.norm1, name), act=block.act1, name=f"{name}.conv1"),
+        Stage(
+            block.conv1, 1, norm=check_norm(block.norm1, name), act=block.act1, name=f"{name}.conv1"
+        ),
         Stage(
             second,
             1,
-            norm=_norm(block.norm2, name),
+            norm=check_norm(block.norm2, name),
             act=block.act2,
             skip=block.skip,
             name=f"{name}.conv2",
