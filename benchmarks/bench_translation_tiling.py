@@ -3,12 +3,20 @@
 Each case runs in a fresh subprocess: the model and the input are built, the peak resident set
 size is reset (``/proc/self/clear_refs``), the image is translated once, and the growth of the
 peak RSS over the RSS before translating is reported (the CPU counterpart of
-``torch.cuda.max_memory_allocated``; on ``--device cuda`` the latter is reported). The generator
-is a ResNet-9 with batch norm in evaluation mode (``--ngf`` wide, random weights), the pix2pix /
-BCI generator. The interior error is the largest difference between tiled and whole translation
-away from the image border (8 px), relative to the data range.
+``torch.cuda.max_memory_allocated``; on ``--device cuda`` the latter is reported), and the peak of
+live tensor storages created during the call (``tensor_peak_mib``, the ``_Peak`` counter of
+``bench_nets.py``; it leaves out memory-mapped files). The generator is a ResNet-9 (``--ngf``
+wide, random weights) with batch norm in evaluation mode, the pix2pix / BCI generator, or with
+``--norm instance`` the CycleGAN / COMI one. Tiled modes (``--modes``): ``blend``, overlapping
+tiles blended with Gaussian weights, and ``layerwise``, the exact layer-by-layer translation
+(``translate(..., layerwise=True)``, its intermediate images in memory-mapped files in a temporary
+directory: they are in the RSS once touched, not in ``tensor_peak_mib``). The interior error is
+the largest (and mean) difference between tiled and whole translation away from the image border
+(8 px), relative to the whole translation's range.
 
     python benchmarks/bench_translation_tiling.py            # 2D 512..2048, 3D 64 and 128
+    python benchmarks/bench_translation_tiling.py --norm instance --modes blend layerwise \
+        --sizes-3d --out benchmarks/results/translation_tiling_instance_cpu.json
 """
 
 from __future__ import annotations
@@ -31,9 +39,22 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(field)
 
 
-def run_case(spatial_dims: int, size: int, tile: int | None, ngf: int, device: str) -> dict:
+def run_case(
+    spatial_dims: int,
+    size: int,
+    tile: int | None,
+    ngf: int,
+    device: str,
+    norm: str = "batch",
+    mode: str = "blend",
+) -> dict:
     """Translate one random image (in this process) and measure it."""
+    import tempfile
+
     import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_nets import _Peak
 
     from medgen.models import Pix2Pix
 
@@ -41,7 +62,7 @@ def run_case(spatial_dims: int, size: int, tile: int | None, ngf: int, device: s
     torch.set_num_threads(2)
     generator = {"_target_": "medgen.nets.ResnetGenerator", "ngf": ngf, "n_blocks": 9}
     model = Pix2Pix(
-        generator={**generator, "norm": "batch"},
+        generator={**generator, "norm": norm},
         discriminator={"_target_": "medgen.nets.NLayerDiscriminator", "ndf": 8, "n_layers": 1},
         spatial_dims=spatial_dims,
     ).to(device)
@@ -53,19 +74,29 @@ def run_case(spatial_dims: int, size: int, tile: int | None, ngf: int, device: s
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    offload = tempfile.TemporaryDirectory()
+    kwargs = {"overlap": 0.25}
+    if mode == "layerwise":
+        kwargs = {"layerwise": True, "offload_dir": offload.name}
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_mib("VmRSS")
+    counter = _Peak()
     start = time.perf_counter()
-    y = model.translate(x, tile=tile, overlap=0.25)
+    with counter:
+        y = model.translate(x, tile=tile, **kwargs)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    offload.cleanup()
     result = {
         "spatial_dims": spatial_dims,
         "size": size,
         "tile": tile,
+        "norm": norm,
+        "mode": None if tile is None else mode,
         "seconds": round(seconds, 2),
         "peak_mib_over_before": round(_rss_mib("VmHWM") - before, 1),
+        "tensor_peak_mib": round(counter.peak / 2**20, 1),
         "output_mib": round(y.numel() * 4 / 2**20, 1),
     }
     if device.startswith("cuda"):
@@ -73,7 +104,11 @@ def run_case(spatial_dims: int, size: int, tile: int | None, ngf: int, device: s
     if tile is not None:
         whole = model.translate(x, tile=None)
         inner = (slice(None), slice(None)) + (slice(8, -8),) * spatial_dims
-        result["interior_max_error"] = float((y - whole)[inner].abs().max())
+        diff = (y - whole)[inner].abs()
+        scale = float(whole.max() - whole.min())
+        result["interior_max_error"] = float(diff.max())
+        result["interior_max_error_rel"] = float(diff.max()) / scale
+        result["interior_mean_error_rel"] = float(diff.mean()) / scale
     return result
 
 
@@ -85,20 +120,28 @@ def main() -> None:
     parser.add_argument("--sizes-3d", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--tile-2d", type=int, default=256)
     parser.add_argument("--tile-3d", type=int, default=48)
+    parser.add_argument("--norm", default="batch", choices=("batch", "instance"))
+    parser.add_argument(
+        "--modes", nargs="+", default=["blend"], choices=("blend", "layerwise"), help="tiled modes"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks/results/translation_tiling_cpu.json")
     )
     args = parser.parse_args()
     if args.case:
-        dims, size, tile = (None if v == "none" else int(v) for v in args.case.split(","))
-        print(json.dumps(run_case(dims, size, tile, args.ngf, args.device)))
+        *numbers, mode = args.case.split(",")
+        dims, size, tile = (None if v == "none" else int(v) for v in numbers)
+        print(json.dumps(run_case(dims, size, tile, args.ngf, args.device, args.norm, mode)))
         return
-    cases = [(2, s, t) for s in args.sizes_2d for t in (None, args.tile_2d)]
-    cases += [(3, s, t) for s in args.sizes_3d for t in (None, args.tile_3d)]
+    cases = []
+    for dims, sizes, tile in ((2, args.sizes_2d, args.tile_2d), (3, args.sizes_3d, args.tile_3d)):
+        for s in sizes:
+            cases.append((dims, s, None, "whole"))
+            cases += [(dims, s, tile, mode) for mode in args.modes]
     rows = []
-    for dims, size, tile in cases:
-        spec = f"{dims},{size},{'none' if tile is None else tile}"
+    for dims, size, tile, mode in cases:
+        spec = f"{dims},{size},{'none' if tile is None else tile},{mode}"
         out = subprocess.run(
             [
                 sys.executable,
@@ -109,6 +152,8 @@ def main() -> None:
                 str(args.ngf),
                 "--device",
                 args.device,
+                "--norm",
+                args.norm,
             ],
             capture_output=True,
             text=True,

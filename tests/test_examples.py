@@ -52,6 +52,21 @@ def test_translation_defocus_example(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
 
 
+def test_exact_tiled_translation_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["exact_tiled_translation.py", str(tmp_path), "--size", "16"])
+    runpy.run_path(str(EXAMPLES / "exact_tiled_translation.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    exact = float(out.split("layer-by-layer tiles vs whole image: max difference")[1].split(",")[0])
+    blended = float(out.split("blended tiles vs whole image: max difference")[1].split(",")[0])
+    assert exact < 1e-5 < blended
+    assert (tmp_path / "translated" / "slice.png").is_file()
+    assert list((tmp_path / "offload").iterdir()) == []
+
+
 def test_diffusion_samplers_example(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
