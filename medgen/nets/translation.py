@@ -478,13 +478,16 @@ class ResnetGenerator(_StagedCheckpointMixin):
         tiled translation with :func:`medgen.tiling.layerwise_apply`: every instance norm then
         normalises with the whole image's statistics, as in a whole-image pass."""
         stages = _chain_stages(list(self.body), "body")
-        # The body ends with norm → ReLU, written out by a pointwise stage; the head reads it.
-        last = stages.pop()
+        # The body ends with norm → ReLU, written out by a pointwise stage: the head reads it.
+        norm = act = None
+        if stages[-1].name == "body.out":
+            last = stages.pop()
+            norm, act = last.norm, last.act
         head = Stage(
             self.head,
             _conv_halo(self.head),
-            norm=last.norm,
-            act=last.act,
+            norm=norm,
+            act=act,
             skip=nn.Identity() if self.global_residual else None,
             skip_back=len(stages),  # the generator's input
             name="head",
