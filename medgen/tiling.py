@@ -84,39 +84,45 @@ class _TileState:
 
 
 class _GroupSums:
-    """Per-sample, per-group sums and sums of squares in float64, accumulated over pieces."""
+    """Per-sample, per-group mean and variance of everything added, merged over pieces.
+
+    Each piece's mean and variance come from one strided reduction (no copy of the piece); the
+    pieces are merged in float64 with Chan, Golub & LeVeque's pairwise update ("Updating formulae
+    and a pairwise algorithm for computing sample variances", 1979), which, unlike sums of
+    squares, does not cancel when the mean is large against the spread.
+    """
 
     def __init__(self, groups: int) -> None:
         self.groups = groups
-        self.sum: Tensor | None = None
-        self.sumsq: Tensor | None = None
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
         self.count = 0
 
     def add(self, x: Tensor) -> None:
         """Add the voxels of ``x`` ``(B, C, *spatial)``."""
-        batch, groups = x.shape[0], self.groups
-        per = x.shape[1] // groups
-        if self.sum is None:
-            self.sum = torch.zeros(batch, groups, dtype=torch.float64, device=x.device)
-            self.sumsq = torch.zeros(batch, groups, dtype=torch.float64, device=x.device)
-        assert self.sumsq is not None
-        # A few groups at a time: the float64 copy is at most 1/16 of the piece's channels (one
-        # group when groups are wider), not all of it.
-        chunk = max(1, x.shape[1] // 16 // per)
-        for g in range(0, groups, chunk):
-            n = min(chunk, groups - g)
-            values = x[:, g * per : (g + n) * per].double().reshape(batch, n, -1)
-            self.sum[:, g : g + n] += values.sum(-1)
-            self.sumsq[:, g : g + n] += values.square_().sum(-1)
-        self.count += per * x[0, 0].numel()
+        per = x.shape[1] // self.groups
+        n = per * x[0, 0].numel()
+        if n == 0:
+            return
+        grouped = x.unflatten(1, (self.groups, per))  # a view, whatever the strides
+        var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.ndim)), correction=0)
+        mean, m2 = mean.double(), var.double() * n
+        if self.mean is None:
+            self.mean, self.m2, self.count = mean, m2, n
+            return
+        assert self.m2 is not None
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
 
     def moments(self) -> tuple[Tensor, Tensor] | None:
         """``(mean, var)`` of everything added, each ``(B, groups)``; ``None`` if nothing was."""
-        if self.sum is None or self.count == 0:
+        if self.mean is None or self.count == 0:
             return None
-        assert self.sumsq is not None
-        mean = self.sum / self.count
-        return mean, (self.sumsq / self.count - mean.square()).clamp_min(0.0)
+        assert self.m2 is not None
+        return self.mean, (self.m2 / self.count).clamp_min(0.0)
 
 
 def group_norm_with_stats(x: Tensor, norm: nn.Module, mean: Tensor, var: Tensor) -> Tensor:
