@@ -43,7 +43,7 @@ from medgen.nn.factories import (
     get_act_layer,
     get_norm_layer,
 )
-from medgen.nn.layerwise import NORMS, Stage, check_norm
+from medgen.nn.layerwise import NORMS, Stage, check_norm, conv_halo
 
 __all__ = [
     "INIT_TYPES",
@@ -265,10 +265,10 @@ class ResnetBlock(nn.Module):
         conv_a, norm_a, act, conv_b, norm_b = (*layers[:3], *layers[-2:])
         second: nn.Module = nn.Sequential(*layers[3:-1])  # (dropout,) conv_b
         return [
-            Stage(conv_a, _conv_halo(conv_a), name=f"{name}.conv1"),
+            Stage(conv_a, conv_halo(conv_a), name=f"{name}.conv1"),
             Stage(
                 second,
-                _conv_halo(conv_b),
+                conv_halo(conv_b),
                 norm=check_norm(norm_a, name),
                 act=act,
                 name=f"{name}.conv2",
@@ -286,15 +286,6 @@ class ResnetBlock(nn.Module):
 
 #: Pointwise activations a generator's layers may use between stages.
 _ACTS = (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Tanh, nn.Sigmoid)
-
-
-def _conv_halo(conv: nn.Module) -> int:
-    """Input voxels of context a (transposed) convolution's outputs need on each side."""
-    if any(d != 1 for d in conv.dilation):
-        raise ValueError("layer-by-layer inference needs undilated convolutions")
-    k = max(conv.kernel_size)
-    # stride 1: k // 2; a stride-2 (transposed) convolution reaches one input voxel further.
-    return k // 2 + (1 if max(conv.stride) > 1 else 0)
 
 
 def _chain_stages(layers: Sequence[nn.Module], prefix: str) -> list[Stage]:
@@ -337,7 +328,7 @@ def _chain_stages(layers: Sequence[nn.Module], prefix: str) -> list[Stage]:
             stages.append(
                 Stage(
                     nn.Sequential(layer, conv),
-                    1 + _conv_halo(conv),
+                    1 + conv_halo(conv),
                     Fraction(2),
                     norm,
                     act,
@@ -352,7 +343,7 @@ def _chain_stages(layers: Sequence[nn.Module], prefix: str) -> list[Stage]:
                 raise ValueError(f"{name}: only stride 1 or 2 convolutions are supported")
             transposed = isinstance(layer, (nn.ConvTranspose2d, nn.ConvTranspose3d))
             scale = Fraction(1) if stride == 1 else Fraction(2) if transposed else Fraction(1, 2)
-            stages.append(Stage(layer, _conv_halo(layer), scale, norm, act, name=name))
+            stages.append(Stage(layer, conv_halo(layer), scale, norm, act, name=name))
             norm = act = None
         else:
             raise ValueError(f"{name}: {type(layer).__name__} has no layer-by-layer form")
@@ -485,7 +476,7 @@ class ResnetGenerator(_StagedCheckpointMixin):
             norm, act = last.norm, last.act
         head = Stage(
             self.head,
-            _conv_halo(self.head),
+            conv_halo(self.head),
             norm=norm,
             act=act,
             skip=nn.Identity() if self.global_residual else None,

@@ -1,13 +1,14 @@
 """Nets written as a sequence of stages, for exact tiled inference layer by layer.
 
-A net made of convolutions, resampling, pointwise ops and GroupNorm can be run on a large volume
-one *stage* at a time: every stage is a local map (its outputs depend on the inputs within
-``halo`` voxels), optionally preceded by a GroupNorm and an activation whose statistics are those
-of the stage's whole input. :func:`medgen.tiling.layerwise_apply` runs each stage over the whole
+A net made of convolutions, resampling, pointwise ops and group / instance / (evaluation-mode)
+batch norms can be run on a large volume one *stage* at a time: every stage is a local map (its
+outputs depend on the inputs within ``halo`` voxels), optionally preceded by a norm, normalising
+with the statistics of the stage's whole input, and an activation. :func:`medgen.tiling.layerwise_apply` runs each stage over the whole
 volume tile by tile, with exact halos and the exact whole-tensor statistics, and keeps the
 intermediate volumes off the compute device; the result equals running the net on the whole
 volume up to floating-point rounding. :meth:`medgen.nets.Decoder.stages` and
-:meth:`medgen.nets.Encoder.stages` describe the autoencoder nets this way.
+:meth:`medgen.nets.Encoder.stages` describe the autoencoder nets this way,
+:meth:`medgen.nets.ResnetGenerator.stages` the translation generator.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ResBlock
 from medgen.nn.sampling import Downsample, Upsample
 
-__all__ = ["NORMS", "Stage", "check_norm", "module_stages"]
+__all__ = ["NORMS", "Stage", "check_norm", "conv_halo", "module_stages"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,18 @@ def check_norm(module: nn.Module, where: str) -> nn.Module | None:
     return module
 
 
+def conv_halo(conv: nn.Module, where: str = "convolution") -> int:
+    """Input voxels of context a (transposed) convolution's outputs need on each side: ``k // 2``
+    at stride 1, one more at stride 2.
+
+    Raises:
+        ValueError: For a dilated convolution.
+    """
+    if any(d != 1 for d in conv.dilation):
+        raise ValueError(f"{where}: layer-by-layer inference needs undilated convolutions")
+    return max(conv.kernel_size) // 2 + (1 if max(conv.stride) > 1 else 0)
+
+
 def _resblock_stages(block: ResBlock, name: str) -> list[Stage]:
     if block.emb_proj is not None:
         raise ValueError(f"{name}: a ResBlock with an embedding cannot be run layer by layer")
@@ -114,8 +127,7 @@ def module_stages(module: nn.Module, name: str) -> list[Stage]:
         # Even halos keep every tile's stride-2 grid on the whole volume's.
         return [Stage(module, 4 if module.mode == "fir" else 2, Fraction(1, 2), name=name)]
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-        if any(s != 1 for s in module.stride) or any(d != 1 for d in module.dilation):
-            raise ValueError(f"{name}: only stride-1, undilated convolutions are supported")
-        halo = max(k // 2 for k in module.kernel_size)
-        return [Stage(module, halo, name=name)]
+        if any(s != 1 for s in module.stride):
+            raise ValueError(f"{name}: only stride-1 convolutions are supported here")
+        return [Stage(module, conv_halo(module, name), name=name)]
     raise ValueError(f"{name}: {type(module).__name__} has no layer-by-layer form")
