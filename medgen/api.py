@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from medgen.pretrained import CheckpointError, load, load_checkpoint_file
 from medgen.utils.files import ensure_writable_dir, write_json
 from medgen.utils.instantiate import instantiate, to_plain
+from medgen.utils.targets import public_name
 
 log = logging.getLogger("medgen")
 
@@ -465,7 +466,7 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
         "format": LATENTS_FORMAT,
         "medgen_version": __import__("medgen").__version__,
         "autoencoder": str(checkpoint.resolve()),
-        "autoencoder_class": f"{cls.__module__}.{cls.__qualname__}",
+        "autoencoder_class": public_name(cls, strict=False),
         "latent": "codebook" if hasattr(model.net, "quantizer") else "posterior_mean",
         "scale_factor": 1.0 / std,
         "latent_mean": mean,

@@ -16,7 +16,6 @@ offline only).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from medgen.utils.files import atomic_path, write_json
 from medgen.utils.instantiate import check_targets
+from medgen.utils.targets import UnsafeTargetError, public_name, resolve_target
 
 FORMAT = "medgen-pretrained/1"
 CONFIG_NAME = "config.json"
@@ -46,11 +46,24 @@ def _version() -> str:
     return __version__
 
 
-def _resolve_target(target: str) -> type:
-    check_targets({"_target_": target}, allowed=("medgen.",))
-    module_name, _, attr = target.rpartition(".")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr)
+def resolve_model_class(target: Any, source: str | os.PathLike) -> type:
+    """The model class a checkpoint or export names, from medgen's explicit list only.
+
+    Old module paths (``medgen.models.gan.GAN``) resolve through the alias table; anything that is
+    not a medgen model family is refused before any code runs.
+
+    Raises:
+        CheckpointError: naming ``source`` when the target is not an allowed model class.
+    """
+    from medgen.models.base import GenerativeModule
+
+    try:
+        cls = resolve_target(target)
+    except UnsafeTargetError as err:
+        raise CheckpointError(f"'{source}': {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, GenerativeModule)):
+        raise CheckpointError(f"'{source}': _target_={target!r} is not a medgen model family")
+    return cls
 
 
 def save_pretrained(
@@ -81,7 +94,7 @@ def save_pretrained(
     config = {
         "format": FORMAT,
         "medgen_version": _version(),
-        "_target_": f"{cls.__module__}.{cls.__qualname__}",
+        "_target_": public_name(cls, strict=False),
         "modules": list(modules),
         "init_args": json.loads(json.dumps(dict(init_args))),
     }
@@ -105,16 +118,35 @@ def _load_folder(directory: Path) -> torch.nn.Module:
         raise CheckpointError(
             f"'{config_path}' is not a medgen model config (no _target_/init_args)"
         )
-    cls = _resolve_target(config["_target_"])
+    cls = resolve_model_class(config["_target_"], config_path)
     try:
         state = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(
             f"'{weights_path}' is corrupt or not a safetensors file: {err}"
         ) from err
-    model = cls(**config["init_args"])
+    model = build_model(cls, config["init_args"], config_path)
     _load_module_state(model, state, tuple(config.get("modules", ())), weights_path)
     return model
+
+
+def build_model(cls: type, init_args: Any, source: str | os.PathLike) -> torch.nn.Module:
+    """``cls(**init_args)`` with a :class:`CheckpointError` naming ``source`` when it fails."""
+    if not isinstance(init_args, Mapping):
+        raise CheckpointError(f"'{source}': constructor arguments are not a mapping")
+    try:  # every nested config (nets, optimisers, presets), even those built only later
+        check_targets(init_args)
+    except UnsafeTargetError as err:
+        raise CheckpointError(f"'{source}': {err}") from None
+    try:
+        return cls(**dict(init_args))
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(
+            f"'{source}': its configuration does not build a {cls.__name__}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def _load_module_state(
@@ -137,7 +169,12 @@ def _load_module_state(
     for name in modules:
         prefix = f"{name}."
         sub_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        model.get_submodule(name).load_state_dict(sub_state, strict=True)
+        try:
+            model.get_submodule(name).load_state_dict(sub_state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"'{source}' does not match the model it configures: {err}"
+            ) from err
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -177,8 +214,8 @@ def _load_ckpt(path: Path, use_ema: bool) -> torch.nn.Module:
     target = ckpt.get("medgen_target")
     if not isinstance(hparams, Mapping) or not isinstance(target, str):
         raise CheckpointError(f"checkpoint '{path}' was not written by a medgen model")
-    cls = _resolve_target(target)
-    model = cls(**dict(hparams))
+    cls = resolve_model_class(target, path)
+    model = build_model(cls, hparams, path)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

@@ -195,8 +195,9 @@ class Preset:
 
     def config(self) -> dict[str, Any]:
         """The JSON-friendly config that rebuilds this preset (``get_preset(config)``)."""
-        cls = type(self)
-        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **copy.deepcopy(self._args)}
+        from medgen.utils.targets import public_name
+
+        return {"_target_": public_name(type(self), strict=False), **copy.deepcopy(self._args)}
 
     def __call__(self, image: ImageLike) -> torch.Tensor:
         raise NotImplementedError

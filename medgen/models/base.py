@@ -13,6 +13,7 @@ import torch
 
 from medgen import pretrained
 from medgen.utils.instantiate import instantiate
+from medgen.utils.targets import public_name
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ class GenerativeModule(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoint identity
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint["medgen_target"] = f"{cls.__module__}.{cls.__qualname__}"
+        checkpoint["medgen_target"] = public_name(type(self), strict=False)
         if "hyper_parameters" in checkpoint:  # AttributeDict -> dict, so weights_only loads it
             checkpoint["hyper_parameters"] = dict(checkpoint["hyper_parameters"])
 

@@ -43,6 +43,7 @@ from medgen.diffusion import (
 from medgen.metrics.fidelity import RandomConvFeatures, mmd_rbf
 from medgen.models.base import GenerativeModule, seeded_generator
 from medgen.utils.instantiate import instantiate
+from medgen.utils.targets import public_name
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class Diffusion(GenerativeModule):
     ) -> None:
         if config is not None:
             # Rebuilt from its recorded config; weights come from our checkpoint / export.
-            cls = pretrained._resolve_target(str(config["_target_"]))
+            cls = pretrained.resolve_model_class(config["_target_"], "model.autoencoder_config")
             autoencoder = cls(**dict(config.get("init_args", {})))
             modules = tuple(config.get("modules") or ())
         else:
@@ -322,7 +323,7 @@ class Diffusion(GenerativeModule):
                 raise ValueError(f"model.autoencoder '{path}' is not a medgen model")
             cls = type(autoencoder)
             self.hparams["autoencoder_config"] = {
-                "_target_": f"{cls.__module__}.{cls.__qualname__}",
+                "_target_": public_name(cls, strict=False),
                 "init_args": autoencoder.export_init_args(),
                 "modules": list(modules),
             }

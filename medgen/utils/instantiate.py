@@ -1,33 +1,47 @@
-"""Safe Hydra instantiation: every ``_target_`` must live under an allowed prefix.
+"""Safe instantiation of configs: every ``_target_`` is looked up in medgen's explicit list.
 
 Configs travel inside checkpoints and exported model folders, so a config is untrusted input: a
-``_target_`` such as ``os.system`` must never be called. Every object medgen builds from a config
-goes through :func:`instantiate`, which checks each ``_target_`` (recursively) against
-:data:`ALLOWED_PREFIXES` before handing the config to :func:`hydra.utils.instantiate`.
+``_target_`` such as ``os.system`` or ``torch.utils.collect_env.run`` must never be called. Every
+object medgen builds from a config goes through :func:`instantiate`, which resolves each
+``_target_`` only through :func:`medgen.utils.targets.resolve_target` (an exact lookup in a table
+of allowed classes).
+
+Why not :func:`hydra.utils.instantiate`: it resolves ``_target_`` strings by importing modules and
+walking their attributes (so ``torch.os.system`` is a valid path), and it re-reads the config with
+OmegaConf, where an escaped ``\\${oc.create:...}`` string left after resolution turns back into an
+interpolation that can make new nodes. This small builder keeps Hydra's config keys (``_target_``,
+``_args_``, ``_partial_``, ``_recursive_``; ``_convert_`` is accepted, and everything passed on is
+plain Python containers) and never interprets a string.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import hydra.utils
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-#: Module prefixes a config may name as ``_target_``.
-ALLOWED_PREFIXES: tuple[str, ...] = (
-    "medgen.",
-    "torch.",
-    "torchvision.",
-    "monai.",
-    "lightning.",
-    "pytorch_lightning.",
-    "torchmetrics.",
-)
+from medgen.utils.targets import UnsafeTargetError, canonical_name, resolve_target
+
+__all__ = ["InstantiationError", "UnsafeTargetError", "check_targets", "instantiate", "to_plain"]
+
+_SPECIAL = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
-class UnsafeTargetError(ValueError):
-    """Raised when a config names a ``_target_`` outside the allowlist."""
+class InstantiationError(RuntimeError):
+    """A config's ``_target_`` raised while being built; the message names the config key."""
+
+
+def to_plain(config: Any) -> Any:
+    """Return ``config`` as plain Python containers (dicts, lists, scalars), resolved."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(config, resolve=True)
+    if isinstance(config, Mapping):
+        return {k: to_plain(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return type(config)(to_plain(v) for v in config)
+    return config
 
 
 def _iter_targets(node: Any, path: str = "") -> Iterable[tuple[str, Any]]:
@@ -43,42 +57,74 @@ def _iter_targets(node: Any, path: str = "") -> Iterable[tuple[str, Any]]:
             yield from _iter_targets(value, f"{path}[{i}]")
 
 
-def check_targets(config: Any, allowed: Iterable[str] = ALLOWED_PREFIXES) -> None:
-    """Raise :class:`UnsafeTargetError` if any ``_target_`` in ``config`` is not allowed.
+def check_targets(config: Any) -> None:
+    """Raise :class:`UnsafeTargetError` if any ``_target_`` in ``config`` is not on the list.
 
     Args:
         config: A mapping, list, ``DictConfig`` or ``ListConfig`` (checked recursively).
-        allowed: Allowed module prefixes, e.g. ``("medgen.", "torch.")``.
     """
-    allowed = tuple(allowed)
     for where, target in _iter_targets(config):
-        if not isinstance(target, str) or not target.startswith(allowed):
-            raise UnsafeTargetError(
-                f"config key '{where}' has _target_={target!r}, which is not allowed; "
-                f"targets must start with one of {', '.join(allowed)}"
-            )
+        try:
+            canonical_name(target)
+        except UnsafeTargetError as err:
+            raise UnsafeTargetError(f"config key '{where}': {err}") from None
 
 
-def instantiate(config: Any, *args: Any, allowed: Iterable[str] = ALLOWED_PREFIXES, **kwargs: Any):
-    """Instantiate ``config`` with Hydra after checking every ``_target_`` against the allowlist.
+def _build(node: Any, args: tuple[Any, ...], recursive: bool, path: str) -> Any:
+    if isinstance(node, Mapping) and "_target_" in node:
+        target = resolve_target(node["_target_"])
+        recursive = bool(node.get("_recursive_", recursive))
+
+        def child(value: Any, key: str) -> Any:
+            return _build(value, (), True, f"{path}.{key}" if path else key) if recursive else value
+
+        positional = list(args) or [
+            child(v, f"_args_[{i}]") for i, v in enumerate(node.get("_args_", ()))
+        ]
+        kwargs = {k: child(v, str(k)) for k, v in node.items() if k not in _SPECIAL}
+        if node.get("_partial_", False):
+            return functools.partial(target, *positional, **kwargs)
+        try:
+            return target(*positional, **kwargs)
+        except Exception as err:
+            where = f"config key '{path}'" if path else "config"
+            raise InstantiationError(
+                f"{where}: building {node['_target_']} failed: {type(err).__name__}: {err}"
+            ) from err
+    if isinstance(node, Mapping):
+        return {
+            k: _build(v, (), recursive, f"{path}.{k}" if path else str(k)) for k, v in node.items()
+        }
+    if isinstance(node, (list, tuple)):
+        return [_build(v, (), recursive, f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """Build ``config`` after checking every ``_target_`` (recursively) against the list.
 
     Args:
-        config: A config with a ``_target_`` (mapping or ``DictConfig``).
-        *args: Positional arguments forwarded to the target.
-        allowed: Allowed ``_target_`` module prefixes.
-        **kwargs: Keyword arguments forwarded to :func:`hydra.utils.instantiate` (``_convert_``,
-            ``_recursive_``, ``_partial_`` or extra constructor arguments).
+        config: A config with a ``_target_`` (mapping or ``DictConfig``), or a container of them.
+        *args: Positional arguments for the target (they replace the config's ``_args_``).
+        **kwargs: Constructor arguments that override the config's, and Hydra's
+            ``_recursive_`` / ``_partial_`` / ``_convert_`` keys.
 
     Returns:
-        The constructed object.
+        The constructed object (nested configs become plain dicts and lists).
+
+    Raises:
+        UnsafeTargetError: a ``_target_`` anywhere in ``config`` or ``kwargs`` is not allowed
+            (nothing is built then).
+        InstantiationError: a target raised; the message names the config key, and the original
+            error is its ``__cause__``.
     """
-    check_targets(config, allowed)
-    check_targets(kwargs, allowed)
-    return hydra.utils.instantiate(config, *args, **kwargs)
-
-
-def to_plain(config: Any) -> Any:
-    """Return ``config`` as plain Python containers (dicts, lists, scalars), resolved."""
-    if isinstance(config, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(config, resolve=True)
-    return config
+    config = to_plain(config)
+    kwargs = to_plain(kwargs)
+    check_targets(config)
+    check_targets(kwargs)
+    kwargs.pop("_convert_", None)  # always plain containers
+    recursive = bool(kwargs.pop("_recursive_", True))
+    if isinstance(config, Mapping) and "_target_" in config:
+        config = {**config, **kwargs}
+        config.setdefault("_recursive_", recursive)
+    return _build(config, tuple(args), recursive, "")
