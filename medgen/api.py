@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from medgen.data.outputs import write_images
 from medgen.pretrained import CheckpointError, load, load_checkpoint_file
 from medgen.utils.files import ensure_writable_dir, write_json
 from medgen.utils.instantiate import instantiate, to_plain
@@ -136,7 +137,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["samples"] = [
                 str(p)
                 for p in write_samples(
-                    exported, Path(cfg.paths.sample_dir), cfg.num_samples, cfg.sample_seed
+                    exported,
+                    Path(cfg.paths.sample_dir),
+                    cfg.num_samples,
+                    cfg.sample_seed,
+                    units=str(cfg.get("output_units", "model")),
                 )
             ]
     log.info("medgen: outputs in %s", output_dir)
@@ -169,50 +174,21 @@ def write_samples(
     seed: int,
     batch_size: int = 16,
     prefix: str = "sample",
+    units: str = "model",
     **sample_kwargs: Any,
 ) -> list[Path]:
     """Draw ``num_samples`` samples from ``model`` and write them as files, one per sample.
 
     2D samples become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
-    3D samples become float32 NIfTI ``.nii.gz`` files with the model's voxel spacing and
-    orientation. The same
-    seed gives byte-identical files. ``sample_kwargs`` go to ``model.sample`` (e.g. a diffusion
+    3D samples become float32 NIfTI ``.nii.gz`` files with the training data's affine
+    (orientation, spacing, origin). ``units="data"`` writes them in the training data's units
+    (the inverse of its preset; see :func:`medgen.data.outputs.write_images`). The same seed
+    gives byte-identical files. ``sample_kwargs`` go to ``model.sample`` (e.g. a diffusion
     model's ``steps``, ``sampler``, ``guidance``).
     """
     output_dir = ensure_writable_dir(output_dir, "sample folder")
     images = model.sample(num_samples, seed=seed, batch_size=batch_size, **sample_kwargs)
-    return write_images(model, images, output_dir, prefix)
-
-
-def write_images(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    output_dir: str | os.PathLike,
-    prefix: str = "sample",
-) -> list[Path]:
-    """Write generated images ``(N, C, *spatial)`` in ``model``'s data units, one file each.
-
-    2D images become PNG files scaled from the model's ``value_range`` (16-bit grey, 8-bit RGB);
-    3D ones float32 NIfTI ``.nii.gz`` files with the model's voxel spacing and orientation (its
-    ``orientation`` axis codes, e.g. those of the training data's preset; ``"RAS"`` if unset).
-    """
-    from medgen.data.io import affine_from_axcodes, write
-
-    output_dir = ensure_writable_dir(output_dir, "sample folder")
-    value_range = tuple(model.value_range)
-    paths = []
-    for i, image in enumerate(images):
-        if image.ndim == 4:
-            spacing = list(getattr(model, "spacing", (1.0, 1.0, 1.0)))
-            affine = affine_from_axcodes(spacing, getattr(model, "orientation", None) or "RAS")
-            path = output_dir / f"{prefix}_{i:04d}.nii.gz"
-            paths.append(write(image.float(), path, affine=affine))
-        else:
-            path = output_dir / f"{prefix}_{i:04d}.png"
-            image = image.clamp(*value_range)
-            bit_depth = 16 if image.shape[0] == 1 else 8  # PNG has no 16-bit RGB in Pillow
-            paths.append(write(image.float(), path, value_range=value_range, bit_depth=bit_depth))
-    return paths
+    return write_images(model, images, output_dir, prefix, units=units)
 
 
 def read_references(folder: str | os.PathLike, model: torch.nn.Module) -> torch.Tensor:
@@ -279,6 +255,7 @@ def sample(cfg: DictConfig) -> list[Path]:
             int(cfg.num_samples),
             int(cfg.seed),
             int(cfg.get("batch_size", 16)),
+            units=str(cfg.get("output_units", "model")),
             **extra,
         )
     log.info("medgen: wrote %d samples to %s", len(paths), cfg.output_dir)

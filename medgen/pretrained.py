@@ -71,6 +71,7 @@ def save_pretrained(
     directory: str | os.PathLike,
     init_args: Mapping[str, Any],
     modules: tuple[str, ...],
+    data_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``directory``.
 
@@ -79,6 +80,8 @@ def save_pretrained(
         directory: Destination folder (created; existing files are replaced atomically).
         init_args: Plain JSON constructor arguments that rebuild ``model``.
         modules: Names of the submodules whose tensors are saved (the inference nets).
+        data_info: What the model recorded of its training data (affine, preset), written as
+            ``"data"`` (see :mod:`medgen.data.outputs`).
 
     Returns:
         The folder.
@@ -97,6 +100,7 @@ def save_pretrained(
         "_target_": public_name(cls, strict=False),
         "modules": list(modules),
         "init_args": json.loads(json.dumps(dict(init_args))),
+        "data": json.loads(json.dumps(dict(data_info or {}))),
     }
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -127,7 +131,19 @@ def _load_folder(directory: Path) -> torch.nn.Module:
         ) from err
     model = build_model(cls, config["init_args"], config_path)
     _load_module_state(model, state, tuple(config.get("modules", ())), weights_path)
+    model.data_info = _data_info(config.get("data"), config_path)
     return model
+
+
+def _data_info(info: Any, source: Path) -> dict[str, Any]:
+    from medgen.data.outputs import check_data_info
+
+    try:
+        return check_data_info(info, source)
+    except UnsafeTargetError as err:
+        raise CheckpointError(f"'{source}': data record: {err}") from err
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def build_model(cls: type, init_args: Any, source: str | os.PathLike) -> torch.nn.Module:
@@ -220,7 +236,10 @@ def _load_ckpt(path: Path, use_ema: bool) -> torch.nn.Module:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint '{path}' does not match its model: {err}") from err
-    model.on_load_checkpoint(ckpt)  # state kept outside the state dict (e.g. image pools)
+    try:  # state kept outside the state dict (image pools, the data record)
+        model.on_load_checkpoint(ckpt)
+    except (ValueError, UnsafeTargetError) as err:
+        raise CheckpointError(f"checkpoint '{path}': {err}") from err
     ema = ema_state_from_checkpoint(ckpt) if use_ema else None
     if ema is not None:
         sub = model.get_submodule(ema["attribute"])

@@ -81,7 +81,7 @@ def test_export_and_checkpoint_load_identically(trained):
 def test_checkpoint_holds_only_plain_data(trained):
     out, _ = trained
     ckpt = load_checkpoint_file(out / "checkpoints" / "last.ckpt")  # weights_only=True inside
-    assert ckpt["medgen_target"] == "medgen.models.vae.VAE"
+    assert ckpt["medgen_target"] == "medgen.models.VAE"  # the public name, not the module path
     assert isinstance(ckpt["hyper_parameters"]["optimizer"], dict)
 
 

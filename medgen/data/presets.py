@@ -65,6 +65,7 @@ __all__ = [
     "Resample",
     "ScaleRange",
     "get_preset",
+    "is_geometry_preset",
 ]
 
 #: Key of ``MetaTensor.meta`` under which :class:`MRPercentile` stores the statistics it used.
@@ -621,6 +622,12 @@ class _Geometry(Preset):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"axcodes .* length is smaller")
             return self._transform(tensor.ndim - 1).inverse(copy_)
+
+
+def is_geometry_preset(step: Any) -> bool:
+    """Whether ``step`` changes the grid (:class:`Resample`, :class:`Orient`, :class:`CropOrPad`)
+    rather than intensities."""
+    return isinstance(step, _Geometry)
 
 
 class Resample(_Geometry):

@@ -787,7 +787,7 @@ class AGGrGAN(AdversarialModule):
         Returns:
             The image paths.
         """
-        from medgen.api import write_images
+        from medgen.data.outputs import write_images
         from medgen.utils.files import atomic_path, ensure_writable_dir
 
         folder = ensure_writable_dir(folder, "dataset folder")

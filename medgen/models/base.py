@@ -64,6 +64,43 @@ class GenerativeModule(L.LightningModule):
         self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.spacing = tuple(float(s) for s in (spacing or (1.0,) * spatial_dims))
+        #: What the model knows of its training data (:mod:`medgen.data.outputs`): the affine of
+        #: 3D data (orientation, spacing, origin) and the intensity preset, recorded from the
+        #: first training batch and kept in checkpoints and exports.
+        self.data_info: dict[str, Any] = {}
+
+    #: Batch keys whose images describe the data the model generates, in order of preference.
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        keys = [getattr(self, name, None) for name in ("image_key", "target_key")]
+        return tuple(k for k in keys if isinstance(k, str))
+
+    def record_data(self, batch: Any) -> None:
+        """Record the training data's affine and preset from ``batch`` (once per run)."""
+        from medgen.data.outputs import data_info_from_batch
+
+        transform = None
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        datasets = getattr(datamodule, "datasets", None)
+        if isinstance(datasets, Mapping):
+            transform = getattr(datasets.get("train"), "transform", None)
+        info = data_info_from_batch(batch, self.data_keys, self.spatial_dims, transform)
+        self.data_info = {**info, **{k: v for k, v in self.data_info.items() if v is not None}}
+        self._data_recorded = True
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log`` with MONAI MetaTensors made plain tensors.
+
+        A metric computed from a MetaTensor batch is a MetaTensor; ``ModelCheckpoint`` then stores
+        it as its best score, and the checkpoint no longer loads with ``weights_only=True``.
+        """
+        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+            value = value.as_subclass(torch.Tensor)
+        super().log(name, value, *args, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not getattr(self, "_data_recorded", False):
+            self.record_data(batch)
 
     @property
     def data_range(self) -> float:
@@ -127,8 +164,14 @@ class GenerativeModule(L.LightningModule):
     # ----------------------------------------------------------------- checkpoint identity
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medgen_target"] = public_name(type(self), strict=False)
+        checkpoint["medgen_data"] = dict(self.data_info)
         if "hyper_parameters" in checkpoint:  # AttributeDict -> dict, so weights_only loads it
             checkpoint["hyper_parameters"] = dict(checkpoint["hyper_parameters"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from medgen.data.outputs import check_data_info
+
+        self.data_info = check_data_info(checkpoint.get("medgen_data"), "checkpoint")
 
     # ----------------------------------------------------------------- export
     def export_init_args(self) -> dict[str, Any]:
@@ -142,7 +185,7 @@ class GenerativeModule(L.LightningModule):
         callback's :meth:`~medgen.callbacks.EMA.swapped` context (``medgen-train`` does).
         """
         return pretrained.save_pretrained(
-            self, directory, self.export_init_args(), self.export_modules
+            self, directory, self.export_init_args(), self.export_modules, self.data_info
         )
 
     @classmethod

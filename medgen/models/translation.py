@@ -723,6 +723,7 @@ class CycleGAN(TranslationModule):
         checkpoint["image_pools"] = [self.pool_a.state_dict(), self.pool_b.state_dict()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         pools = checkpoint.get("image_pools")
         if pools:
             self.pool_a.load_state_dict(pools[0])

@@ -230,7 +230,7 @@ def canonical_name(name: str) -> str:
     if name in ALIASES:
         return ALIASES[name]
     raise UnsafeTargetError(
-        f"_target_={name!r} is not an allowed class. Configs, checkpoints and exports may build "
+        f"_target_={name!r} is not allowed: configs, checkpoints and exports may build "
         "only medgen's models, nets, datasets, presets and callbacks, torch optimisers and "
         "schedulers, and Lightning's trainer, loggers and callbacks (medgen.utils.targets."
         "TARGETS); from trusted code, allow more with medgen.utils.targets.register_target"
