@@ -67,3 +67,27 @@ def cpu_trainer(**kwargs: Any) -> L.Trainer:
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class RankParameterDump(L.Callback):
+    """Save each rank's parameters after training, to compare ranks of a DDP run.
+
+    Writes ``folder/rank{R}.pt`` (a plain state dict of the model's parameters) and
+    ``folder/rank{R}_start.pt`` (the same before the first step).
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def _dump(self, trainer: L.Trainer, pl_module: L.LightningModule, suffix: str) -> None:
+        import os
+
+        os.makedirs(self.folder, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.named_parameters()}
+        torch.save(state, os.path.join(self.folder, f"rank{trainer.global_rank}{suffix}.pt"))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._dump(trainer, pl_module, "_start")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._dump(trainer, pl_module, "")

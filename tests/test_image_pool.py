@@ -123,3 +123,16 @@ def test_state_dict_round_trip():
         ImagePool(4).load_state_dict(state)
     with pytest.raises(ValueError, match="pool_size"):
         ImagePool(-1)
+
+
+def test_pickled_pool_continues_identically():
+    """DDP's spawned processes receive the model pickled; the pool's generator must survive it."""
+    import pickle
+
+    pool = ImagePool(pool_size=3, generator=torch.Generator().manual_seed(7))
+    for _ in range(4):
+        pool.query(torch.rand(2, 1, 4, 4))
+    copy = pickle.loads(pickle.dumps(pool))
+    assert len(copy) == len(pool) == 3
+    batch = torch.rand(4, 1, 4, 4)
+    torch.testing.assert_close(copy.query(batch), pool.query(batch), rtol=0, atol=0)

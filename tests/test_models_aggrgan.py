@@ -74,7 +74,7 @@ def test_default_members_are_two_dcgan_variants_and_a_wgan_gp():
         "nearest_conv",
         "transpose",
     ]
-    assert members[2]["loss"] == "wgan" and members[2]["gp_weight"] == 10.0
+    assert members[2]["adv_loss"] == "wgan" and members[2]["gp_weight"] == 10.0
     model = AGGrGAN(net_defaults={"image_size": 32, "image_channels": 1})
     assert len(model.generators) == 3
     assert model.generators[0].image_size == (32, 32)

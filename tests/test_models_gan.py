@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import medgen
-import medgen.models.gan as gan_module
+import medgen.losses.adversarial as adversarial_losses
 from medgen.callbacks import EMA
 from medgen.data import PhantomDataset
 from medgen.metrics import RandomConvFeatures, mmd_rbf
@@ -66,13 +66,13 @@ def test_discriminator_and_generator_steps_follow_n_critic(n_critic):
 
 def test_lazy_r1_runs_every_interval(monkeypatch):
     calls = []
-    original = gan_module.r1_penalty
+    original = adversarial_losses.r1_penalty
 
     def counting(logits, real, create_graph=True):
         calls.append(1)
         return original(logits, real, create_graph)
 
-    monkeypatch.setattr(gan_module, "r1_penalty", counting)
+    monkeypatch.setattr(adversarial_losses, "r1_penalty", counting)
     model = GAN(**_nets(critic=True), r1_gamma=1.0, r1_interval=4)
     trainer = cpu_trainer(max_epochs=1, limit_train_batches=9, limit_val_batches=0)
     trainer.fit(model, _loader(length=36))
@@ -86,8 +86,10 @@ def test_penalties_refuse_batch_norm_discriminators_and_bad_settings():
         GAN(**_nets(), r1_gamma=1.0)
     with pytest.raises(ValueError, match="n_critic"):
         GAN(**_nets(), n_critic=0)
-    with pytest.raises(ValueError, match="unknown GAN loss"):
-        GAN(**_nets(), loss="bce")
+    with pytest.raises(ValueError, match="unknown adv_loss 'bce'"):
+        GAN(**_nets(), adv_loss="bce")
+    with pytest.raises(ValueError, match="unknown adv_loss"), pytest.deprecated_call():
+        GAN(**_nets(), loss="bce")  # the old key still reaches the same check
     bad = _nets()
     bad["generator"]["spatial_dims"] = 3
     with pytest.raises(ValueError, match="spatial_dims"):
@@ -220,7 +222,7 @@ def test_experiments_export_a_generator_that_samples(tmp_path):
     from tests.conftest import tiny_overrides
 
     cfg = medgen.compose("train", tiny_overrides(tmp_path, "wgan_gp"))
-    assert cfg.model.loss == "wgan" and cfg.model.n_critic == 5
+    assert cfg.model.adv_loss == "wgan" and cfg.model.n_critic == 5
     result = medgen.train(cfg)
     assert "val/mmd" in result["metrics"]
     exported = medgen.load(tmp_path / "model")

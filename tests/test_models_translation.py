@@ -106,7 +106,7 @@ def test_cycle_and_identity_losses_are_right():
     torch.testing.assert_close(terms["g_loss"], expected)
     # The discriminator loss is halved, as in CycleGAN.
     d = model.discriminator_loss(model.discriminator_a, a, fake_a)
-    torch.testing.assert_close(d["loss"], 0.5 * (d["real"] + d["fake"]))
+    torch.testing.assert_close(d["d_loss"], 0.5 * (d["d_real"] + d["d_fake"]))
 
 
 def test_bad_settings_are_refused_clearly():

@@ -22,13 +22,56 @@ Regularisers: :func:`gradient_penalty` (WGAN-GP, per-sample gradient norm) and :
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 GAN_LOSSES = ("non_saturating", "vanilla", "lsgan", "hinge", "wgan")
+#: The one vocabulary of ``adv_loss`` across medgen's adversarial families.
+ADV_LOSSES = ("non_saturating", "lsgan", "hinge", "wgan")
+#: Older names (pix2pix/CycleGAN's ``gan_mode`` values), accepted with a deprecation warning.
+LEGACY_ADV_LOSSES = {"vanilla": "non_saturating", "wgangp": "wgan"}
+
+
+def resolve_adv_loss(
+    adv_loss: str | None, legacy: str | None = None, legacy_key: str = "loss"
+) -> str:
+    """The ``adv_loss`` of a model, from the new key or a deprecated one.
+
+    Args:
+        adv_loss: The value of ``adv_loss`` (one of :data:`ADV_LOSSES`, or an old name).
+        legacy: The value of a deprecated key (``loss`` of GAN, ``gan_mode`` of pix2pix and
+            CycleGAN); when given it wins, with a :class:`DeprecationWarning`, so that an old
+            command line (``model.gan_mode=lsgan``) keeps its meaning.
+        legacy_key: The deprecated key's name, for the warning.
+
+    Returns:
+        One of :data:`ADV_LOSSES`.
+    """
+    if legacy is not None:
+        warnings.warn(
+            f"'{legacy_key}' is deprecated; use adv_loss (one of {', '.join(ADV_LOSSES)})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        adv_loss = legacy
+    adv_loss = adv_loss or "non_saturating"
+    if adv_loss in LEGACY_ADV_LOSSES:
+        new = LEGACY_ADV_LOSSES[adv_loss]
+        warnings.warn(
+            f"adv_loss={adv_loss!r} is an old name; use {new!r}", DeprecationWarning, stacklevel=3
+        )
+        adv_loss = new
+    if adv_loss not in ADV_LOSSES:
+        raise ValueError(
+            f"unknown adv_loss {adv_loss!r}; choose one of {', '.join(ADV_LOSSES)} (old names: "
+            f"{', '.join(LEGACY_ADV_LOSSES)})"
+        )
+    return adv_loss
 
 
 def check_gan_loss(mode: str) -> str:
@@ -153,8 +196,112 @@ def r1_penalty(real_logits: Tensor, real: Tensor, create_graph: bool = True) -> 
     return _per_sample_grad_norm_sq(real_logits, real, create_graph).mean()
 
 
+def has_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` contains a batch-norm layer (which couples the samples of a batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@dataclass(frozen=True)
+class AdversarialObjective:
+    """The losses of one generator/discriminator pair: the only place they are written.
+
+    Discriminator loss: ``d_scale * (loss(D(real), real) + loss(D(fake), fake))``, plus
+    ``gp_weight * gradient_penalty`` (per-sample norms, WGAN-GP) and
+    ``r1_gamma / 2 * r1_interval * R1`` every ``r1_interval`` discriminator steps (lazy R1,
+    Karras et al. 2020, section 4). ``d_scale`` is 1 for the GANs (Goodfellow et al.) and 0.5 for
+    pix2pix, CycleGAN and the autoencoders' patch discriminators (as their papers' code, which
+    halves the discriminator's objective to slow it relative to the generator).
+    Generator loss: ``loss(D(fake), real)`` in the generator form (non-saturating; ``-D`` for
+    hinge and WGAN).
+
+    Args:
+        adv_loss: One of :data:`ADV_LOSSES`.
+        gp_weight: WGAN-GP weight (0 = off).
+        r1_gamma: R1 weight (0 = off).
+        r1_interval: Lazy R1 interval in discriminator steps.
+        n_critic: Discriminator steps per generator step.
+        d_scale: Factor of the discriminator's real + fake terms.
+    """
+
+    adv_loss: str = "non_saturating"
+    gp_weight: float = 0.0
+    r1_gamma: float = 0.0
+    r1_interval: int = 1
+    n_critic: int = 1
+    d_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.adv_loss not in ADV_LOSSES:
+            raise ValueError(f"unknown adv_loss {self.adv_loss!r}; choose one of {ADV_LOSSES}")
+        if self.n_critic < 1 or self.r1_interval < 1:
+            raise ValueError(
+                f"n_critic and r1_interval must be >= 1, got {self.n_critic} and {self.r1_interval}"
+            )
+        if self.gp_weight < 0 or self.r1_gamma < 0:
+            raise ValueError(
+                f"gp_weight and r1_gamma must be >= 0, got {self.gp_weight}, {self.r1_gamma}"
+            )
+
+    def check_discriminator(self, discriminator: nn.Module) -> None:
+        """Refuse batch norm in ``discriminator`` when a per-sample penalty is on."""
+        if (self.gp_weight > 0 or self.r1_gamma > 0) and has_batch_norm(discriminator):
+            raise ValueError(
+                "gradient penalties (gp_weight, r1_gamma) are per-sample and need a "
+                "discriminator without batch norm (batch statistics couple the samples); use "
+                "medgen.nets.WGANCritic or norm: none/layer/instance"
+            )
+
+    def discriminator_terms(
+        self,
+        discriminator: Callable[[Tensor], Tensor],
+        real: Tensor,
+        fake: Tensor,
+        step: int = 0,
+    ) -> dict[str, Tensor]:
+        """Loss terms ``d_real``, ``d_fake`` (and ``gp``, ``r1``) and the total ``d_loss``.
+
+        Args:
+            discriminator: Images to logits (wrap a conditional one, e.g. pix2pix's pairs are
+                passed concatenated as ``real`` and ``fake``).
+            real: Real images.
+            fake: Generated images (detached here).
+            step: This pair's discriminator step count, for lazy R1.
+        """
+        do_r1 = self.r1_gamma > 0 and step % self.r1_interval == 0
+        if do_r1:
+            real = real.detach().requires_grad_(True)
+        real_logits = discriminator(real)
+        fake_logits = discriminator(fake.detach())
+        terms = {
+            "d_real": adversarial_loss(real_logits, True, self.adv_loss),
+            "d_fake": adversarial_loss(fake_logits, False, self.adv_loss),
+        }
+        total = self.d_scale * (terms["d_real"] + terms["d_fake"])
+        if self.gp_weight > 0:
+            terms["gp"] = gradient_penalty(discriminator, real, fake)
+            total = total + self.gp_weight * terms["gp"]
+        if do_r1:
+            terms["r1"] = r1_penalty(real_logits, real)
+            total = total + (0.5 * self.r1_gamma * self.r1_interval) * terms["r1"]
+        terms["d_loss"] = total
+        return terms
+
+    def generator_loss(self, discriminator: Callable[[Tensor], Tensor], fake: Tensor) -> Tensor:
+        """Generator loss for generated images ``fake`` (with graph)."""
+        return self.generator_term(discriminator(fake))
+
+    def generator_term(self, fake_logits: Tensor) -> Tensor:
+        """Generator loss on the discriminator's logits for generated images."""
+        return adversarial_loss(fake_logits, True, self.adv_loss, for_discriminator=False)
+
+
 __all__ = [
+    "ADV_LOSSES",
+    "LEGACY_ADV_LOSSES",
+    "AdversarialObjective",
     "GAN_LOSSES",
+    "has_batch_norm",
+    "resolve_adv_loss",
     "adversarial_loss",
     "check_gan_loss",
     "discriminator_loss",

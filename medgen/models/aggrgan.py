@@ -34,17 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medgen.losses.adversarial import AdversarialObjective, resolve_adv_loss
 from medgen.losses.perceptual import LayerSpec, VGGFeatures, gram_matrix
 from medgen.metrics.pairwise import ssim
-from medgen.models.gan import (
-    DEFAULT_DISCRIMINATOR,
-    DEFAULT_GAN_OPTIMIZER,
-    DEFAULT_GENERATOR,
-    GAN,
-    AdversarialModule,
-    AdversarialObjective,
-    build_net,
-)
+from medgen.models.adversarial import DEFAULT_GAN_OPTIMIZER, build_net, zero_step_counter
+from medgen.models.gan import DEFAULT_DISCRIMINATOR, DEFAULT_GENERATOR, GAN, LatentGANModule
 
 __all__ = [
     "AGGrGAN",
@@ -461,7 +455,7 @@ def default_members() -> list[dict[str, Any]]:
             "name": "wgan_gp",
             "generator": {**generator, "upsample": "transpose"},
             "discriminator": {"_target_": "medgen.nets.WGANCritic", "norm": "layer"},
-            "loss": "wgan",
+            "adv_loss": "wgan",
             "gp_weight": 10.0,
             "n_critic": 5,
             "optimizer_g": wgan_opt,
@@ -474,6 +468,7 @@ _MEMBER_KEYS = {
     "name",
     "generator",
     "discriminator",
+    "adv_loss",
     "loss",
     "gp_weight",
     "r1_gamma",
@@ -495,7 +490,7 @@ _STYLE_KEYS = {
 }
 
 
-class AGGrGAN(AdversarialModule):
+class AGGrGAN(LatentGANModule):
     """AGGrGAN (Mukherkjee et al., Sci. Rep. 2022): an ensemble of GANs whose outputs are
     selected by SSIM, merged by local sharpness and refined by style transfer.
 
@@ -516,7 +511,7 @@ class AGGrGAN(AdversarialModule):
 
     Args:
         members: Member configs, each a dict with ``name``, ``generator`` and ``discriminator``
-            net configs and optionally ``loss``, ``gp_weight``, ``r1_gamma``, ``r1_interval``,
+            net configs and optionally ``adv_loss`` (``loss`` is its deprecated name), ``gp_weight``, ``r1_gamma``, ``r1_interval``,
             ``n_critic``, ``optimizer_g``, ``optimizer_d`` (as :class:`~medgen.models.GAN`).
         net_defaults: Kwargs added to every member's generator and discriminator unless the
             member sets them: e.g. ``image_size``, and ``image_channels`` (the generators'
@@ -556,13 +551,13 @@ class AGGrGAN(AdversarialModule):
         val_features_width: int = 16,
     ) -> None:
         super().__init__(
-            spatial_dims,
-            value_range,
-            None,
-            scheduler,
-            spacing,
-            image_key,
-            val_features_width,
+            spatial_dims=spatial_dims,
+            value_range=value_range,
+            optimizer_g=DEFAULT_GAN_OPTIMIZER,
+            scheduler=scheduler,
+            spacing=spacing,
+            image_key=image_key,
+            val_features_width=val_features_width,
         )
         self.save_hyperparameters()
         members = [dict(m) for m in (members or default_members())]
@@ -584,7 +579,7 @@ class AGGrGAN(AdversarialModule):
             generators.append(build_net(g_conf, spatial_dims, f"{name}.generator"))
             discriminators.append(build_net(d_conf, spatial_dims, f"{name}.discriminator"))
             objective = AdversarialObjective(
-                member.get("loss", "non_saturating"),
+                resolve_adv_loss(member.get("adv_loss"), member.get("loss"), f"{name}.loss"),
                 float(member.get("gp_weight", 0.0)),
                 float(member.get("r1_gamma", 0.0)),
                 int(member.get("r1_interval", 1)),
@@ -611,13 +606,8 @@ class AGGrGAN(AdversarialModule):
         self._warned_no_style = False
         self.num_log_images = num_log_images
         count = len(generators)
-        self.register_buffer("generator_steps", torch.zeros(count, dtype=torch.long))
-        self.register_buffer("discriminator_steps", torch.zeros(count, dtype=torch.long))
-
-    @property
-    def ema_step(self) -> int:
-        """Generator steps of all members: the EMA callback averages after each such batch."""
-        return int(self.generator_steps.sum())
+        self.register_buffer("generator_steps", zero_step_counter(count))
+        self.register_buffer("discriminator_steps", zero_step_counter(count))
 
     @property
     def style_enabled(self) -> bool:
@@ -625,27 +615,21 @@ class AGGrGAN(AdversarialModule):
         return bool(self.style_config.get("weights_path"))
 
     # ----------------------------------------------------------------- training
-    def configure_optimizers(self):
-        optimizers, schedulers = [], []
+    def optimizer_groups(self):
+        """A G/D optimiser pair per member (generator, discriminator, generator, ...)."""
+        groups = []
         for member, g, d in zip(
             self.members_config, self.generators, self.discriminators, strict=True
         ):
-            default = dict(DEFAULT_GAN_OPTIMIZER)
-            opt_g = self.build_optimizer(g.parameters(), member.get("optimizer_g", default))
-            opt_d = self.build_optimizer(
-                d.parameters(), member.get("optimizer_d", member.get("optimizer_g", default))
-            )
-            optimizers += [opt_g, opt_d]
-            schedulers += [self.build_scheduler(opt_g), self.build_scheduler(opt_d)]
-        if schedulers[0] is None:
-            return optimizers
-        return optimizers, schedulers
+            opt_g = member.get("optimizer_g", DEFAULT_GAN_OPTIMIZER)
+            groups += [(g.parameters(), opt_g), (d.parameters(), member.get("optimizer_d", opt_g))]
+        return groups
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         real = batch[self.image_key]
         self.check_images(real, self.generators[0])
         real = self.to_net(real)
-        optimizers = self.optimizers()
+        optimizers = self.optimizer_list()
         for i, name in enumerate(self.member_names):
             terms = self.update_pair(
                 self.generators[i],
@@ -658,7 +642,7 @@ class AGGrGAN(AdversarialModule):
             )
             self.discriminator_steps[i] += 1
             if "g_loss" in terms:
-                self.generator_steps[i] += 1
+                self.count_generator_step(i)
             self.log_dict({f"train/{name}/{k}": v for k, v in terms.items()})
         self.step_schedulers("step")
 
@@ -847,7 +831,7 @@ class AGGrGAN(AdversarialModule):
                 "name": name,
                 "generator": dict(model.hparams["generator"] or DEFAULT_GENERATOR),
                 "discriminator": dict(model.hparams["discriminator"] or DEFAULT_DISCRIMINATOR),
-                "loss": model.objective.loss,
+                "adv_loss": model.objective.adv_loss,
             }
             for name, model in zip(names, loaded, strict=True)
         ]

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medgen.inference import tiled_apply
-from medgen.losses.adversarial import adversarial_loss, check_gan_loss
+from medgen.losses.adversarial import AdversarialObjective, resolve_adv_loss
 from medgen.losses.perceptual import PerceptualLoss
 from medgen.metrics import PairwiseMetrics
-from medgen.models.base import GenerativeModule, seeded_generator
-from medgen.models.gan import build_net
+from medgen.models.adversarial import AdversarialModule, build_net, zero_step_counter
+from medgen.models.base import seeded_generator
 from medgen.nets.vae import VAENet
 from medgen.nets.vqgan import VQGANNet
 from medgen.nn import DiagonalGaussian
@@ -85,7 +85,7 @@ def latent_scale_factor(latents: Iterable[Tensor]) -> float:
     return float(var**-0.5)
 
 
-class LatentAutoencoder(GenerativeModule):
+class LatentAutoencoder(AdversarialModule):
     """What :class:`AutoencoderKL` and :class:`VQGAN` share: tiled encode/decode, the adversarial
     and perceptual terms, the manual optimisation loop, validation and sampling.
 
@@ -104,15 +104,13 @@ class LatentAutoencoder(GenerativeModule):
     """
 
     export_modules = ("net",)
+    generator_step_buffer = "ae_steps"  # EMA and adv_start_step count autoencoder steps
     net: nn.Module
 
     def __init__(
         self,
-        spatial_dims: int,
-        value_range: Sequence[float],
+        *,
         optimizer: Mapping[str, Any] | None,
-        scheduler: Mapping[str, Any] | None,
-        spacing: Sequence[float] | None,
         image_key: str,
         recon_weight: float,
         perceptual: Mapping[str, Any] | None,
@@ -120,14 +118,11 @@ class LatentAutoencoder(GenerativeModule):
         adv_start_step: int,
         adaptive_adv_weight: bool,
         adv_loss: str,
-        optimizer_d: Mapping[str, Any] | None,
         num_log_images: int,
         sample_size: Sequence[int] | None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            spatial_dims, value_range, optimizer or DEFAULT_AE_OPTIMIZER, scheduler, spacing
-        )
-        self.automatic_optimization = False
+        super().__init__(optimizer_g=optimizer or DEFAULT_AE_OPTIMIZER, **kwargs)
         self.image_key = image_key
         self.recon_weight = float(recon_weight)
         self.perceptual_config = dict(perceptual or {})
@@ -135,14 +130,15 @@ class LatentAutoencoder(GenerativeModule):
         self.adv_weight = float(adv_weight)
         self.adv_start_step = int(adv_start_step)
         self.adaptive_adv_weight = bool(adaptive_adv_weight)
-        self.adv_loss = check_gan_loss(adv_loss)
-        self.optimizer_d_config = dict(optimizer_d) if optimizer_d else None
+        # Patch discriminators: 0.5 * (real + fake), as Esser et al.'s code.
+        self.objective = AdversarialObjective(resolve_adv_loss(adv_loss), d_scale=0.5)
+        self.adv_loss = self.objective.adv_loss
         self.num_log_images = int(num_log_images)
         self.image_size = tuple(int(s) for s in sample_size) if sample_size else None
         self.val_metrics = PairwiseMetrics(
-            data_range=self.data_range, spatial_dims=spatial_dims, prefix="val/"
+            data_range=self.data_range, spatial_dims=self.spatial_dims, prefix="val/"
         )
-        self.register_buffer("ae_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ae_steps", zero_step_counter())
         # Not a registered submodule: built on the first training step (see class docstring).
         self._perceptual: dict[str, PerceptualLoss] = {}
 
@@ -457,20 +453,11 @@ class LatentAutoencoder(GenerativeModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- optimisation
-    def configure_optimizers(self):
-        opt_ae = self.build_optimizer(self.net.parameters())
-        optimizers = [opt_ae]
-        if self.has_discriminator:
-            params = [p for d in self.discriminators() for p in d.parameters()]
-            optimizers.append(self.build_optimizer(params, self.optimizer_d_config))
-        schedulers = [self.build_scheduler(o) for o in optimizers]
-        if schedulers[0] is None:
-            return optimizers
-        return optimizers, schedulers
+    def generator_parameters(self):
+        return self.net.parameters()
 
-    def _optimizers(self) -> list:
-        opts = self.optimizers()
-        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+    def discriminator_parameters(self):
+        return [p for d in self.discriminators() for p in d.parameters()]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = batch[self.image_key]
@@ -479,27 +466,15 @@ class LatentAutoencoder(GenerativeModule):
         if self.image_size is None:  # remember the training size for sampling and export
             self.image_size = tuple(int(s) for s in x.shape[2:])
             self.hparams["sample_size"] = list(self.image_size)
-        optimizers = self._optimizers()
-        opt_ae = optimizers[0]
+        optimizers = self.optimizer_list()
         active = self.adv_active()
-        if len(optimizers) > 1:
-            self.toggle_optimizer(opt_ae)  # the discriminators get no gradients here
         terms = self.autoencoder_terms(x)
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(terms["loss"])
-        opt_ae.step()
-        if len(optimizers) > 1:
-            self.untoggle_optimizer(opt_ae)
-        self.ae_steps += 1
+        self.step_optimizer(optimizers[0], terms["loss"])  # the discriminators get no gradients
+        self.count_generator_step()
         recon_x = terms.pop("recon_x").detach()
         if active:
-            opt_d = optimizers[1]
-            self.toggle_optimizer(opt_d)
             d_terms = self.discriminator_terms(x, recon_x)
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_terms["d_loss"])
-            opt_d.step()
-            self.untoggle_optimizer(opt_d)
+            self.step_optimizer(optimizers[1], d_terms["d_loss"])
             terms.update(d_terms)
         self.step_schedulers("step")
         self.log("train/loss", terms.pop("loss").detach(), prog_bar=True)
@@ -620,21 +595,21 @@ class AutoencoderKL(LatentAutoencoder):
         sample_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
-            spatial_dims,
-            value_range,
-            optimizer,
-            scheduler,
-            spacing,
-            image_key,
-            recon_weight,
-            perceptual,
-            adv_weight,
-            adv_start_step,
-            adaptive_adv_weight,
-            adv_loss,
-            optimizer_d,
-            num_log_images,
-            sample_size,
+            spatial_dims=spatial_dims,
+            value_range=value_range,
+            optimizer=optimizer,
+            optimizer_d=optimizer_d,
+            scheduler=scheduler,
+            spacing=spacing,
+            image_key=image_key,
+            recon_weight=recon_weight,
+            perceptual=perceptual,
+            adv_weight=adv_weight,
+            adv_start_step=adv_start_step,
+            adaptive_adv_weight=adaptive_adv_weight,
+            adv_loss=adv_loss,
+            num_log_images=num_log_images,
+            sample_size=sample_size,
         )
         self.save_hyperparameters()
         net_kwargs = dict(net or {})
@@ -678,8 +653,7 @@ class AutoencoderKL(LatentAutoencoder):
         adv = recon.new_zeros(())
         weight = recon.new_zeros(())
         if self.adv_active():
-            logits = self.discriminator(recon_x)
-            adv = adversarial_loss(logits, True, self.adv_loss, for_discriminator=False)
+            adv = self.objective.generator_loss(self.discriminator, recon_x)
             weight = recon.new_tensor(self.adv_weight)
             if self.adaptive_adv_weight:
                 weight = weight * self.adaptive_weight(rec_total, adv)
@@ -688,9 +662,7 @@ class AutoencoderKL(LatentAutoencoder):
         return terms
 
     def discriminator_terms(self, x: Tensor, recon_x: Tensor) -> dict[str, Tensor]:
-        d_real = adversarial_loss(self.discriminator(x), True, self.adv_loss)
-        d_fake = adversarial_loss(self.discriminator(recon_x), False, self.adv_loss)
-        return {"d_loss": 0.5 * (d_real + d_fake), "d_real": d_real, "d_fake": d_fake}
+        return self.objective.discriminator_terms(self.discriminator, x, recon_x)
 
 
 class VQGAN(LatentAutoencoder):
@@ -764,21 +736,22 @@ class VQGAN(LatentAutoencoder):
         sample_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
-            spatial_dims,
-            value_range,
-            optimizer or {"_target_": "torch.optim.Adam", "lr": 3e-4, "betas": [0.5, 0.9]},
-            scheduler,
-            spacing,
-            image_key,
-            recon_weight,
-            perceptual,
-            adv_weight,
-            adv_start_step,
-            adaptive_adv_weight,
-            adv_loss,
-            optimizer_d,
-            num_log_images,
-            sample_size,
+            spatial_dims=spatial_dims,
+            value_range=value_range,
+            optimizer=optimizer
+            or {"_target_": "torch.optim.Adam", "lr": 3e-4, "betas": [0.5, 0.9]},
+            optimizer_d=optimizer_d,
+            scheduler=scheduler,
+            spacing=spacing,
+            image_key=image_key,
+            recon_weight=recon_weight,
+            perceptual=perceptual,
+            adv_weight=adv_weight,
+            adv_start_step=adv_start_step,
+            adaptive_adv_weight=adaptive_adv_weight,
+            adv_loss=adv_loss,
+            num_log_images=num_log_images,
+            sample_size=sample_size,
         )
         self.save_hyperparameters()
         net_kwargs = dict(net or {})
@@ -911,9 +884,7 @@ class VQGAN(LatentAutoencoder):
         if self.adv_active():
             for discriminator, w, real, fake in self._pairs(x, recon_x):
                 fake_feats = self._features(discriminator, fake)
-                adv = adv + w * adversarial_loss(
-                    fake_feats[-1], True, self.adv_loss, for_discriminator=False
-                )
+                adv = adv + w * self.objective.generator_term(fake_feats[-1])
                 if self.feature_matching_weight > 0:
                     with torch.no_grad():
                         real_feats = self._features(discriminator, real)
@@ -932,9 +903,7 @@ class VQGAN(LatentAutoencoder):
         terms: dict[str, Tensor] = {}
         for discriminator, w, real, fake in self._pairs(x, recon_x):
             name = "d_image" if discriminator is self.image_discriminator else "d_volume"
-            d_real = adversarial_loss(discriminator(real), True, self.adv_loss)
-            d_fake = adversarial_loss(discriminator(fake), False, self.adv_loss)
-            d = 0.5 * (d_real + d_fake)
+            d = self.objective.discriminator_terms(discriminator, real, fake)["d_loss"]
             terms[name] = d.detach()
             total = total + w * d
         terms["d_loss"] = total

@@ -15,116 +15,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from medgen.losses.adversarial import (
-    adversarial_loss,
-    check_gan_loss,
-    gradient_penalty,
-    r1_penalty,
-)
+from medgen.losses.adversarial import AdversarialObjective, resolve_adv_loss
 from medgen.metrics.fidelity import RandomConvFeatures, mmd_rbf
-from medgen.models.base import GenerativeModule, seeded_generator
-from medgen.utils.instantiate import instantiate
+from medgen.models.adversarial import (
+    DEFAULT_GAN_OPTIMIZER,
+    AdversarialModule,
+    build_net,
+    zero_step_counter,
+)
+from medgen.models.base import seeded_generator
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GENERATOR: dict[str, Any] = {"_target_": "medgen.nets.DCGANGenerator"}
 DEFAULT_DISCRIMINATOR: dict[str, Any] = {"_target_": "medgen.nets.DCGANDiscriminator"}
-# DCGAN (Radford et al. 2016, section 4): Adam, lr 2e-4, beta1 0.5.
-DEFAULT_GAN_OPTIMIZER: dict[str, Any] = {
-    "_target_": "torch.optim.Adam",
-    "lr": 2e-4,
-    "betas": [0.5, 0.999],
-}
-
-
-def build_net(config: Mapping[str, Any], spatial_dims: int, what: str) -> nn.Module:
-    """Instantiate a net config (``_target_`` + kwargs) with ``spatial_dims`` filled in."""
-    config = dict(config)
-    if "_target_" not in config:
-        raise ValueError(f"the {what} config needs a _target_ (e.g. medgen.nets.DCGANGenerator)")
-    config.setdefault("spatial_dims", spatial_dims)
-    if config["spatial_dims"] != spatial_dims:
-        raise ValueError(
-            f"{what}.spatial_dims={config['spatial_dims']} differs from the model's "
-            f"spatial_dims={spatial_dims}"
-        )
-    return instantiate(config)
-
-
-def has_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module`` contains a batch-norm layer (which couples the samples of a batch)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-@dataclass(frozen=True)
-class AdversarialObjective:
-    """The losses of one generator/discriminator pair (see :mod:`medgen.losses.adversarial`).
-
-    Discriminator loss: ``loss(D(x), real) + loss(D(G(z)), fake)``, plus
-    ``gp_weight * gradient_penalty`` (per-sample norms, WGAN-GP) and
-    ``r1_gamma / 2 * r1_interval * R1`` every ``r1_interval`` discriminator steps (lazy R1).
-    Generator loss: ``loss(D(G(z)), real)`` in the generator form (non-saturating, ``-D`` for
-    hinge and WGAN).
-    """
-
-    loss: str = "non_saturating"
-    gp_weight: float = 0.0
-    r1_gamma: float = 0.0
-    r1_interval: int = 1
-    n_critic: int = 1
-
-    def __post_init__(self) -> None:
-        check_gan_loss(self.loss)
-        if self.n_critic < 1 or self.r1_interval < 1:
-            raise ValueError(
-                f"n_critic and r1_interval must be >= 1, got {self.n_critic} and {self.r1_interval}"
-            )
-        if self.gp_weight < 0 or self.r1_gamma < 0:
-            raise ValueError(
-                f"gp_weight and r1_gamma must be >= 0, got {self.gp_weight}, {self.r1_gamma}"
-            )
-
-    def check_discriminator(self, discriminator: nn.Module) -> None:
-        """Refuse batch norm in ``discriminator`` when a per-sample penalty is on."""
-        if (self.gp_weight > 0 or self.r1_gamma > 0) and has_batch_norm(discriminator):
-            raise ValueError(
-                "gradient penalties (gp_weight, r1_gamma) are per-sample and need a "
-                "discriminator without batch norm (batch statistics couple the samples); use "
-                "medgen.nets.WGANCritic or norm: none/layer/instance"
-            )
-
-    def discriminator_terms(
-        self, discriminator: nn.Module, real: Tensor, fake: Tensor, step: int
-    ) -> dict[str, Tensor]:
-        """Loss terms (``d_real``, ``d_fake``, ``gp``, ``r1``, total ``d_loss``) at D step ``step``."""
-        do_r1 = self.r1_gamma > 0 and step % self.r1_interval == 0
-        if do_r1:
-            real = real.detach().requires_grad_(True)
-        real_logits = discriminator(real)
-        fake_logits = discriminator(fake.detach())
-        terms = {
-            "d_real": adversarial_loss(real_logits, True, self.loss),
-            "d_fake": adversarial_loss(fake_logits, False, self.loss),
-        }
-        total = terms["d_real"] + terms["d_fake"]
-        if self.gp_weight > 0:
-            terms["gp"] = gradient_penalty(discriminator, real, fake)
-            total = total + self.gp_weight * terms["gp"]
-        if do_r1:
-            terms["r1"] = r1_penalty(real_logits, real)
-            total = total + (0.5 * self.r1_gamma * self.r1_interval) * terms["r1"]
-        terms["d_loss"] = total
-        return terms
-
-    def generator_loss(self, discriminator: nn.Module, fake: Tensor) -> Tensor:
-        """Generator loss for generated images ``fake`` (with graph)."""
-        return adversarial_loss(discriminator(fake), True, self.loss, for_discriminator=False)
 
 
 def latent(num: int, latent_dim: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
@@ -132,55 +41,36 @@ def latent(num: int, latent_dim: int, generator: torch.Generator | None, like: T
     return torch.randn((num, latent_dim), generator=generator, device=like.device, dtype=like.dtype)
 
 
-class AdversarialModule(GenerativeModule):
-    """What every GAN family shares: units, DDP set-up, per-rank latents, the pair update,
-    validation MMD and per-epoch schedulers. Subclasses define the nets and
-    :meth:`training_step` and :meth:`sample`.
+class LatentGANModule(AdversarialModule):
+    """What the unconditional GAN families (GAN, AGGrGAN) share on top of
+    :class:`~medgen.models.adversarial.AdversarialModule`: per-rank latents, the pair update,
+    validation MMD and seeded sampling. Subclasses define the nets, :meth:`training_step` and
+    :meth:`sample`.
 
     Images are mapped from ``value_range`` to [-1, 1] for the nets (the generators' ``tanh``
-    range) and back to data units in :meth:`sample`.
-
-    Under DDP (``trainer=ddp`` / ``ddp_cpu``), a generator receives no gradient in
-    discriminator-only steps (``n_critic > 1``) and a discriminator none in generator steps;
-    DistributedDataParallel then needs ``find_unused_parameters=True``, which :meth:`setup` sets
-    on Lightning's DDP strategy before it wraps the model. Latents are drawn from a per-rank
-    stream, so ranks do not generate the same images.
+    range) and back to data units in :meth:`sample`. Latents are drawn from a per-rank stream, so
+    DDP ranks do not generate the same images.
     """
 
     def __init__(
         self,
-        spatial_dims: int,
-        value_range: Sequence[float],
-        optimizer: Mapping[str, Any] | None,
-        scheduler: Mapping[str, Any] | None,
-        spacing: Sequence[float] | None,
+        *,
         image_key: str,
         val_features_width: int | None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(spatial_dims, value_range, optimizer, scheduler, spacing)
-        self.automatic_optimization = False
+        super().__init__(**kwargs)
         self.image_key = image_key
-        # The fixed random-conv features of ``val/mmd``; ``None`` for families that validate
-        # otherwise (translation compares outputs with their targets).
+        # The fixed random-conv features of ``val/mmd``.
         self.val_features = (
-            RandomConvFeatures(spatial_dims, width=val_features_width)
+            RandomConvFeatures(self.spatial_dims, width=val_features_width)
             if val_features_width
             else None
         )
         self._val_real: list[Tensor] = []
         self._latent_rng: torch.Generator | None = None
 
-    # ----------------------------------------------------------------- units
-    def to_net(self, x: Tensor) -> Tensor:
-        """Data units -> the nets' [-1, 1]."""
-        low, high = self.value_range
-        return (x - low) * (2.0 / (high - low)) - 1.0
-
-    def to_data(self, y: Tensor) -> Tensor:
-        """The nets' [-1, 1] -> data units."""
-        low, high = self.value_range
-        return (y + 1.0) * ((high - low) / 2.0) + low
-
+    # ----------------------------------------------------------------- checks
     def check_images(self, x: Tensor, generator: nn.Module) -> None:
         """Raise a clear error when a batch does not have the generator's image size."""
         expected = tuple(getattr(generator, "image_size", x.shape[2:]))
@@ -191,14 +81,6 @@ class AdversarialModule(GenerativeModule):
             )
 
     # ----------------------------------------------------------------- set-up
-    def setup(self, stage: str) -> None:
-        strategy = getattr(self._trainer, "strategy", None) if self._trainer else None
-        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters"):
-            # Discriminator-only steps leave the generator without gradients (and vice versa).
-            ddp_kwargs["find_unused_parameters"] = True
-            log.info("%s: DDP set to find_unused_parameters=True", type(self).__name__)
-
     def on_fit_start(self) -> None:
         # One latent stream per rank, seeded from the run's seed, so ranks generate different
         # images.
@@ -229,17 +111,11 @@ class AdversarialModule(GenerativeModule):
         with torch.no_grad():
             fake = generator(latent(batch_size, generator.latent_dim, self._latent_rng, real))
         terms = objective.discriminator_terms(discriminator, real, fake, discriminator_step)
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(terms["d_loss"])
-        opt_d.step()
+        self.step_optimizer(opt_d, terms["d_loss"])
         if (discriminator_step + 1) % objective.n_critic == 0:
-            self.toggle_optimizer(opt_g)  # D needs no parameter gradients here
             z = latent(batch_size, generator.latent_dim, self._latent_rng, real)
             g_loss = objective.generator_loss(discriminator, generator(z))
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_loss)
-            opt_g.step()
-            self.untoggle_optimizer(opt_g)
+            self.step_optimizer(opt_g, g_loss)  # D gets no parameter gradients here
             terms["g_loss"] = g_loss
         return {k: v.detach() for k, v in terms.items()}
 
@@ -286,7 +162,7 @@ class AdversarialModule(GenerativeModule):
             generator.train(was_training)
 
 
-class GAN(AdversarialModule):
+class GAN(LatentGANModule):
     """A generator ``G(z)`` and a discriminator/critic ``D(x)`` trained alternately.
 
     Every training batch is one discriminator step; after every ``n_critic`` discriminator steps
@@ -297,8 +173,8 @@ class GAN(AdversarialModule):
 
     The losses are :class:`AdversarialObjective`'s. A penalty on gradients per sample is only
     meaningful when the discriminator treats samples independently, so a discriminator with
-    batch norm is refused when either penalty is on. See :class:`AdversarialModule` for units and
-    DDP.
+    batch norm is refused when either penalty is on. See
+    :class:`~medgen.models.adversarial.AdversarialModule` for units and DDP.
 
     Args:
         generator: Net config of ``G`` (``_target_`` + kwargs; ``spatial_dims`` filled in). It
@@ -306,7 +182,7 @@ class GAN(AdversarialModule):
         discriminator: Net config of ``D``: images to logits ``(B, ...)``. Spectral
             normalisation is a net option (``spectral_norm: true``).
         spatial_dims: 2 or 3.
-        loss: ``"non_saturating"`` (``"vanilla"``), ``"lsgan"``, ``"hinge"`` or ``"wgan"``.
+        adv_loss: ``"non_saturating"``, ``"lsgan"``, ``"hinge"`` or ``"wgan"``.
         gp_weight: WGAN-GP weight λ (10 in the paper; 0 = off).
         r1_gamma: R1 weight γ (0 = off).
         r1_interval: Lazy R1: compute it every this many discriminator steps.
@@ -321,6 +197,7 @@ class GAN(AdversarialModule):
         spacing: Voxel spacing of exported 3D samples.
         num_log_images: Samples per validation grid.
         val_features_width: Width of the fixed random-conv feature net used for ``val/mmd``.
+        loss: Deprecated name of ``adv_loss`` (wins when given, with a warning).
     """
 
     export_modules = ("generator",)
@@ -330,7 +207,7 @@ class GAN(AdversarialModule):
         generator: Mapping[str, Any] | None = None,
         discriminator: Mapping[str, Any] | None = None,
         spatial_dims: int = 2,
-        loss: str = "non_saturating",
+        adv_loss: str = "non_saturating",
         gp_weight: float = 0.0,
         r1_gamma: float = 0.0,
         r1_interval: int = 1,
@@ -344,19 +221,22 @@ class GAN(AdversarialModule):
         spacing: Sequence[float] | None = None,
         num_log_images: int = 16,
         val_features_width: int = 16,
+        loss: str | None = None,
     ) -> None:
-        optimizer_g = dict(optimizer_g or DEFAULT_GAN_OPTIMIZER)
         super().__init__(
-            spatial_dims,
-            value_range,
-            optimizer_g,
-            scheduler,
-            spacing,
-            image_key,
-            val_features_width,
+            spatial_dims=spatial_dims,
+            value_range=value_range,
+            optimizer_g=optimizer_g or DEFAULT_GAN_OPTIMIZER,
+            optimizer_d=optimizer_d,
+            scheduler=scheduler,
+            spacing=spacing,
+            image_key=image_key,
+            val_features_width=val_features_width,
         )
         self.save_hyperparameters()
-        self.objective = AdversarialObjective(loss, gp_weight, r1_gamma, r1_interval, n_critic)
+        self.objective = AdversarialObjective(
+            resolve_adv_loss(adv_loss, loss, "loss"), gp_weight, r1_gamma, r1_interval, n_critic
+        )
         self.generator = build_net(generator or DEFAULT_GENERATOR, spatial_dims, "generator")
         self.discriminator = build_net(
             discriminator or DEFAULT_DISCRIMINATOR, spatial_dims, "discriminator"
@@ -367,29 +247,21 @@ class GAN(AdversarialModule):
             )
         self.objective.check_discriminator(self.discriminator)
         self.latent_dim = int(self.generator.latent_dim)
-        self.optimizer_d_config = dict(optimizer_d or optimizer_g)
         self.max_generator_steps = max_generator_steps
         self.num_log_images = num_log_images
-        self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("discriminator_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("generator_steps", zero_step_counter())
+        self.register_buffer("discriminator_steps", zero_step_counter())
 
-    @property
-    def ema_step(self) -> int:
-        """Generator steps taken: the EMA callback averages once per generator step."""
-        return int(self.generator_steps)
+    def generator_parameters(self):
+        return self.generator.parameters()
 
-    def configure_optimizers(self):
-        opt_g = self.build_optimizer(self.generator.parameters())
-        opt_d = self.build_optimizer(self.discriminator.parameters(), self.optimizer_d_config)
-        sched_g, sched_d = self.build_scheduler(opt_g), self.build_scheduler(opt_d)
-        if sched_g is None:
-            return [opt_g, opt_d]
-        return [opt_g, opt_d], [sched_g, sched_d]
+    def discriminator_parameters(self):
+        return self.discriminator.parameters()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         real = batch[self.image_key]
         self.check_images(real, self.generator)
-        opt_g, opt_d = self.optimizers()
+        opt_g, opt_d = self.optimizer_list()
         terms = self.update_pair(
             self.generator,
             self.discriminator,
@@ -401,7 +273,7 @@ class GAN(AdversarialModule):
         )
         self.discriminator_steps += 1
         if "g_loss" in terms:
-            self.generator_steps += 1
+            self.count_generator_step()
             self.log("train/g_loss", terms.pop("g_loss"), prog_bar=True)
             self.step_schedulers("step")
         self.log_dict({f"train/{k}": v for k, v in terms.items()})

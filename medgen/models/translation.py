@@ -25,18 +25,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medgen.inference import tiled_apply
-from medgen.losses.adversarial import adversarial_loss, check_gan_loss, gradient_penalty
+from medgen.losses.adversarial import AdversarialObjective, has_batch_norm, resolve_adv_loss
 from medgen.losses.perceptual import PerceptualLoss
 from medgen.losses.pyramid import PyramidL1Loss
 from medgen.metrics import PairwiseMetrics
-from medgen.models.gan import DEFAULT_GAN_OPTIMIZER, AdversarialModule, build_net, has_batch_norm
+from medgen.models.adversarial import (
+    DEFAULT_GAN_OPTIMIZER,
+    AdversarialModule,
+    build_net,
+    zero_step_counter,
+)
 from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
 from medgen.tiling import layerwise_apply
 from medgen.utils.image_pool import ImagePool
 
-#: GAN modes of the reference code, and the loss of :mod:`medgen.losses.adversarial` each uses.
+#: GAN modes of the reference code (the deprecated ``gan_mode``), and the ``adv_loss`` of each.
 GAN_MODES: dict[str, str] = {
-    "vanilla": "vanilla",
+    "vanilla": "non_saturating",
     "lsgan": "lsgan",
     "wgangp": "wgan",
     "hinge": "hinge",
@@ -49,10 +54,17 @@ DEFAULT_PATCHGAN: dict[str, Any] = {"_target_": "medgen.nets.NLayerDiscriminator
 
 
 def gan_mode_loss(gan_mode: str) -> str:
-    """The :mod:`medgen.losses.adversarial` loss of a pix2pix/CycleGAN ``gan_mode``."""
+    """The ``adv_loss`` of a pix2pix/CycleGAN ``gan_mode`` (the reference code's names)."""
     if gan_mode not in GAN_MODES:
         raise ValueError(f"unknown gan_mode {gan_mode!r}; valid: {', '.join(GAN_MODES)}")
-    return check_gan_loss(GAN_MODES[gan_mode])
+    return GAN_MODES[gan_mode]
+
+
+def translation_adv_loss(adv_loss: str, gan_mode: str | None) -> str:
+    """``adv_loss``, or the deprecated ``gan_mode`` (validated by its own names) when given."""
+    if gan_mode is not None:
+        gan_mode = gan_mode_loss(gan_mode)
+    return resolve_adv_loss(adv_loss, gan_mode, "gan_mode")
 
 
 def size_multiple(net: nn.Module) -> int:
@@ -137,37 +149,36 @@ class TranslationModule(AdversarialModule):
 
     def __init__(
         self,
-        spatial_dims: int,
+        *,
         in_channels: int,
         out_channels: int,
-        gan_mode: str,
+        adv_loss: str,
         gp_weight: float,
         optimizer_g: Mapping[str, Any] | None,
-        optimizer_d: Mapping[str, Any] | None,
-        scheduler: Mapping[str, Any] | None,
-        value_range: Sequence[float],
-        spacing: Sequence[float] | None,
         source_key: str,
         target_key: str,
         num_log_images: int,
+        **kwargs: Any,
     ) -> None:
-        optimizer_g = dict(optimizer_g or DEFAULT_GAN_OPTIMIZER)
-        super().__init__(
-            spatial_dims, value_range, optimizer_g, scheduler, spacing, source_key, None
-        )
-        self.loss_mode = gan_mode_loss(gan_mode)
-        self.gp_weight = float(gp_weight) if gan_mode == "wgangp" else 0.0
-        if self.gp_weight < 0:
+        super().__init__(optimizer_g=optimizer_g or DEFAULT_GAN_OPTIMIZER, **kwargs)
+        if gp_weight < 0:
             raise ValueError(f"gp_weight must be >= 0, got {gp_weight}")
+        # The gradient penalty belongs to the Wasserstein loss here (pix2pix's wgangp mode).
+        self.objective = AdversarialObjective(
+            adv_loss, float(gp_weight) if adv_loss == "wgan" else 0.0, d_scale=0.5
+        )
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.optimizer_d_config = dict(optimizer_d or optimizer_g)
         self.source_key, self.target_key = source_key, target_key
+        self.image_key = source_key  # the batch key of the model's input images
         self.num_log_images = num_log_images
         metrics = ("psnr", "ssim", "ms_ssim", "mae", "pearson_r")
         self.val_metrics = PairwiseMetrics(
-            data_range=self.data_range, spatial_dims=spatial_dims, metrics=metrics, prefix="val/"
+            data_range=self.data_range,
+            spatial_dims=self.spatial_dims,
+            metrics=metrics,
+            prefix="val/",
         )
-        self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("generator_steps", zero_step_counter())
 
     # ----------------------------------------------------------------- nets
     def generator_for(self, direction: str = "a2b") -> nn.Module:
@@ -176,31 +187,12 @@ class TranslationModule(AdversarialModule):
 
     def check_discriminator(self, discriminator: nn.Module) -> None:
         """Refuse batch norm in ``discriminator`` under the (per-sample) gradient penalty."""
-        if self.gp_weight > 0 and has_batch_norm(discriminator):
+        if self.objective.gp_weight > 0 and has_batch_norm(discriminator):
             raise ValueError(
-                "gan_mode=wgangp adds a per-sample gradient penalty, which batch norm in the "
-                "discriminator breaks (batch statistics couple the samples); set the "
+                "adv_loss=wgan (gan_mode=wgangp) adds a per-sample gradient penalty, which batch "
+                "norm in the discriminator breaks (batch statistics couple the samples); set the "
                 "discriminator's norm to instance or none"
             )
-
-    @property
-    def ema_step(self) -> int:
-        """Generator steps taken: an EMA callback averages once per generator step."""
-        return int(self.generator_steps)
-
-    def configure_optimizers(self):
-        opt_g = self.build_optimizer(self.generator_parameters())
-        opt_d = self.build_optimizer(self.discriminator_parameters(), self.optimizer_d_config)
-        sched_g, sched_d = self.build_scheduler(opt_g), self.build_scheduler(opt_d)
-        if sched_g is None:
-            return [opt_g, opt_d]
-        return [opt_g, opt_d], [sched_g, sched_d]
-
-    def generator_parameters(self) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
-
-    def discriminator_parameters(self) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
 
     # ----------------------------------------------------------------- batches
     def _pair(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
@@ -396,9 +388,9 @@ class Pix2Pix(TranslationModule):
         spatial_dims: 2 or 3.
         in_channels: Channels of the source images.
         out_channels: Channels of the target images.
-        gan_mode: ``"vanilla"`` (BCE with logits), ``"lsgan"`` (least squares), ``"wgangp"``
-            (Wasserstein with gradient penalty) or ``"hinge"``.
-        gp_weight: Gradient-penalty weight in ``wgangp`` mode (10, Gulrajani et al. 2017).
+        adv_loss: ``"non_saturating"`` (BCE with logits, pix2pix's ``vanilla``), ``"lsgan"``
+            (least squares), ``"wgan"`` (Wasserstein, with the gradient penalty) or ``"hinge"``.
+        gp_weight: Gradient-penalty weight with ``adv_loss="wgan"`` (10, Gulrajani et al. 2017).
         reconstruction: ``"l1"`` or ``"pyramid"``.
         lambda_l1: Weight of the L1 term (``reconstruction="l1"``).
         pyramid: Keyword arguments of :class:`~medgen.losses.PyramidL1Loss` (``num_levels`` 4,
@@ -415,6 +407,8 @@ class Pix2Pix(TranslationModule):
         value_range: Data range of the images.
         spacing: Voxel spacing of written 3D outputs.
         num_log_images: Images per validation grid.
+        gan_mode: Deprecated: the reference code's name of the loss (``vanilla``, ``lsgan``,
+            ``wgangp``, ``hinge``); wins over ``adv_loss`` when given, with a warning.
     """
 
     export_modules = ("generator",)
@@ -426,7 +420,7 @@ class Pix2Pix(TranslationModule):
         spatial_dims: int = 2,
         in_channels: int = 1,
         out_channels: int = 1,
-        gan_mode: str = "vanilla",
+        adv_loss: str = "non_saturating",
         gp_weight: float = 10.0,
         reconstruction: str = "l1",
         lambda_l1: float = 100.0,
@@ -441,21 +435,22 @@ class Pix2Pix(TranslationModule):
         value_range: Sequence[float] = (0.0, 1.0),
         spacing: Sequence[float] | None = None,
         num_log_images: int = 8,
+        gan_mode: str | None = None,
     ) -> None:
         super().__init__(
-            spatial_dims,
-            in_channels,
-            out_channels,
-            gan_mode,
-            gp_weight,
-            optimizer_g,
-            optimizer_d,
-            scheduler,
-            value_range,
-            spacing,
-            source_key,
-            target_key,
-            num_log_images,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            adv_loss=translation_adv_loss(adv_loss, gan_mode),
+            gp_weight=gp_weight,
+            optimizer_g=optimizer_g,
+            optimizer_d=optimizer_d,
+            scheduler=scheduler,
+            value_range=value_range,
+            spacing=spacing,
+            source_key=source_key,
+            target_key=target_key,
+            num_log_images=num_log_images,
         )
         self.save_hyperparameters()
         if reconstruction not in ("l1", "pyramid"):
@@ -504,22 +499,12 @@ class Pix2Pix(TranslationModule):
     def discriminator_loss(self, a: Tensor, b: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """``0.5 * (D real + D fake)`` (+ gradient penalty) on concatenated pairs."""
         real_pair, fake_pair = torch.cat([a, b], 1), torch.cat([a, fake.detach()], 1)
-        terms = {
-            "d_real": adversarial_loss(self.discriminator(real_pair), True, self.loss_mode),
-            "d_fake": adversarial_loss(self.discriminator(fake_pair), False, self.loss_mode),
-        }
-        total = 0.5 * (terms["d_real"] + terms["d_fake"])
-        if self.gp_weight > 0:
-            terms["gp"] = gradient_penalty(self.discriminator, real_pair, fake_pair)
-            total = total + self.gp_weight * terms["gp"]
-        terms["d_loss"] = total
-        return terms
+        return self.objective.discriminator_terms(self.discriminator, real_pair, fake_pair)
 
     def generator_loss(self, a: Tensor, b: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """Adversarial + reconstruction terms of the generator step."""
-        logits = self.discriminator(torch.cat([a, fake], 1))
         terms = {
-            "g_gan": adversarial_loss(logits, True, self.loss_mode, for_discriminator=False),
+            "g_gan": self.objective.generator_loss(self.discriminator, torch.cat([a, fake], 1)),
             "g_rec": self.reconstruction_loss(fake, b),
         }
         terms["g_loss"] = terms["g_gan"] + terms["g_rec"]
@@ -528,24 +513,13 @@ class Pix2Pix(TranslationModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         a, b = self._pair(batch)
         a, b = self.to_net(a), self.to_net(b)
-        opt_g, opt_d = self.optimizers()
+        opt_g, opt_d = self.optimizer_list()
         fake = self._run(self.generator, a)
-
-        self.toggle_optimizer(opt_d)
         d_terms = self.discriminator_loss(a, b, fake)
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_terms["d_loss"])
-        opt_d.step()
-        self.untoggle_optimizer(opt_d)
-
-        self.toggle_optimizer(opt_g)  # D gets no parameter gradients in the generator step
-        g_terms = self.generator_loss(a, b, fake)
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_terms["g_loss"])
-        opt_g.step()
-        self.untoggle_optimizer(opt_g)
-
-        self.generator_steps += 1
+        self.step_optimizer(opt_d, d_terms["d_loss"])
+        g_terms = self.generator_loss(a, b, fake)  # D gets no parameter gradients in this step
+        self.step_optimizer(opt_g, g_terms["g_loss"])
+        self.count_generator_step()
         self.step_schedulers("step")
         self.log("train/g_loss", g_terms.pop("g_loss").detach(), prog_bar=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in {**d_terms, **g_terms}.items()})
@@ -578,8 +552,9 @@ class CycleGAN(TranslationModule):
         spatial_dims: 2 or 3.
         in_channels: Channels of domain ``a``.
         out_channels: Channels of domain ``b``.
-        gan_mode: ``"lsgan"`` (default, as CycleGAN), ``"vanilla"``, ``"wgangp"`` or ``"hinge"``.
-        gp_weight: Gradient-penalty weight in ``wgangp`` mode.
+        adv_loss: ``"lsgan"`` (default, as CycleGAN), ``"non_saturating"``, ``"wgan"`` (with the
+            gradient penalty) or ``"hinge"``.
+        gp_weight: Gradient-penalty weight with ``adv_loss="wgan"``.
         lambda_a: Cycle weight ``a -> b -> a`` (10).
         lambda_b: Cycle weight ``b -> a -> b`` (10).
         lambda_identity: Identity weight relative to the cycle weights (0.5; 0 = off; needs
@@ -612,7 +587,7 @@ class CycleGAN(TranslationModule):
         spatial_dims: int = 2,
         in_channels: int = 1,
         out_channels: int = 1,
-        gan_mode: str = "lsgan",
+        adv_loss: str = "lsgan",
         gp_weight: float = 10.0,
         lambda_a: float = 10.0,
         lambda_b: float = 10.0,
@@ -632,21 +607,22 @@ class CycleGAN(TranslationModule):
         value_range: Sequence[float] = (0.0, 1.0),
         spacing: Sequence[float] | None = None,
         num_log_images: int = 8,
+        gan_mode: str | None = None,
     ) -> None:
         super().__init__(
-            spatial_dims,
-            in_channels,
-            out_channels,
-            gan_mode,
-            gp_weight,
-            optimizer_g,
-            optimizer_d,
-            scheduler,
-            value_range,
-            spacing,
-            source_key,
-            target_key,
-            num_log_images,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            adv_loss=translation_adv_loss(adv_loss, gan_mode),
+            gp_weight=gp_weight,
+            optimizer_g=optimizer_g,
+            optimizer_d=optimizer_d,
+            scheduler=scheduler,
+            value_range=value_range,
+            spacing=spacing,
+            source_key=source_key,
+            target_key=target_key,
+            num_log_images=num_log_images,
         )
         self.save_hyperparameters()
         if lambda_identity > 0 and in_channels != out_channels:
@@ -731,7 +707,7 @@ class CycleGAN(TranslationModule):
 
     # ----------------------------------------------------------------- losses
     def _gen_adv(self, discriminator: nn.Module, fake: Tensor) -> Tensor:
-        return adversarial_loss(discriminator(fake), True, self.loss_mode, for_discriminator=False)
+        return self.objective.generator_loss(discriminator, fake)
 
     def generator_loss(self, a: Tensor, b: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Generator terms (net units) and the translated ``fake_a``, ``fake_b`` (with graph)."""
@@ -769,42 +745,25 @@ class CycleGAN(TranslationModule):
         self, discriminator: nn.Module, real: Tensor, fake: Tensor
     ) -> dict[str, Tensor]:
         """``0.5 * (D real + D fake)`` (+ gradient penalty) of one discriminator."""
-        d_real = adversarial_loss(discriminator(real), True, self.loss_mode)
-        d_fake = adversarial_loss(discriminator(fake.detach()), False, self.loss_mode)
-        total = 0.5 * (d_real + d_fake)
-        terms = {"real": d_real, "fake": d_fake}
-        if self.gp_weight > 0:
-            terms["gp"] = gradient_penalty(discriminator, real, fake)
-            total = total + self.gp_weight * terms["gp"]
-        terms["loss"] = total
-        return terms
+        return self.objective.discriminator_terms(discriminator, real, fake)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         a, b = self._pair(batch)
         a, b = self.to_net(a), self.to_net(b)
-        opt_g, opt_d = self.optimizers()
-
-        self.toggle_optimizer(opt_g)  # the discriminators get no gradients in this step
+        opt_g, opt_d = self.optimizer_list()
         g_terms, fake_a, fake_b = self.generator_loss(a, b)
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_terms["g_loss"])
-        opt_g.step()
-        self.untoggle_optimizer(opt_g)
-
-        self.toggle_optimizer(opt_d)
+        self.step_optimizer(opt_g, g_terms["g_loss"])  # the discriminators get no gradients
         d_b = self.discriminator_loss(self.discriminator_b, b, self.pool_b.query(fake_b))
         d_a = self.discriminator_loss(self.discriminator_a, a, self.pool_a.query(fake_a))
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_a["loss"] + d_b["loss"])
-        opt_d.step()
-        self.untoggle_optimizer(opt_d)
-
-        self.generator_steps += 1
+        self.step_optimizer(opt_d, d_a["d_loss"] + d_b["d_loss"])
+        self.count_generator_step()
         self.step_schedulers("step")
         self.log("train/g_loss", g_terms.pop("g_loss").detach(), prog_bar=True)
         logged = {f"train/{k}": v.detach() for k, v in g_terms.items()}
-        logged.update({f"train/d_a_{k}": v.detach() for k, v in d_a.items()})
-        logged.update({f"train/d_b_{k}": v.detach() for k, v in d_b.items()})
+        for side, terms in (("a", d_a), ("b", d_b)):  # train/d_a_real, ..., train/d_b_loss
+            logged.update(
+                {f"train/d_{side}_{k.removeprefix('d_')}": v.detach() for k, v in terms.items()}
+            )
         self.log_dict(logged)
 
 

@@ -63,6 +63,22 @@ class ImagePool:
     def __len__(self) -> int:
         return len(self.images)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator pickles its state through shared memory, which fails when a model is
+        # sent to DDP's spawned processes (``trainer=ddp_cpu``): keep the state as plain bytes.
+        state = dict(self.__dict__)
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = state.get("generator")
+        if isinstance(generator, bytes):
+            rebuilt = torch.Generator()
+            rebuilt.set_state(torch.frombuffer(bytearray(generator), dtype=torch.uint8))
+            state = {**state, "generator": rebuilt}
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         return f"ImagePool(pool_size={self.pool_size}, stored={len(self.images)})"
 
