@@ -165,11 +165,20 @@ def test_series_round_trips_through_nifti(tmp_path):
     np.testing.assert_array_equal(again.numpy(), volume.numpy())
 
 
-def test_uneven_spacing_warns(tmp_path):
-    _write_series(tmp_path / "gap", gaps=[2.0, 2.0, 4.0])  # a missing slice
-    with pytest.warns(UserWarning, match="not uniform"):
-        volume = read(tmp_path / "gap")
-    assert volume.shape == (1, 4, 128, 128)
+def test_missing_slice_is_refused_with_its_position(tmp_path):
+    slices = _write_series(tmp_path / "gap", gaps=[2.0, 2.0, 4.0])  # a missing slice
+    with pytest.raises(MedgenIOError, match="1 slice missing between") as info:
+        read(tmp_path / "gap")
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "gap"))
+    normal = np.cross(
+        *np.split(
+            np.array([float(v) for v in pydicom.dcmread(CT_SMALL).ImageOrientationPatient]), 2
+        )
+    )
+    expected = slices[2]["position"] + 2.0 * normal
+    assert "(" + ", ".join(f"{v:.2f}" for v in expected) + ")" in message
+    assert slices[2]["path"].name in message and slices[3]["path"].name in message
 
 
 def test_empty_folder(tmp_path):

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medgen.utils.instantiate import instantiate, to_plain
+from medgen.utils.instantiate import InstantiationError, instantiate, to_plain
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -118,7 +118,15 @@ class MedicalDataModule(L.LightningDataModule):
     def _build(config: Mapping[str, Any] | Dataset | None) -> Dataset | None:
         if config is None or isinstance(config, Dataset):
             return config
-        return instantiate(to_plain(config), _convert_="all")
+        from medgen.data.io import MedgenIOError
+
+        try:
+            return instantiate(to_plain(config), _convert_="all")
+        except InstantiationError as exc:
+            # A dataset's own error names the file and the problem; the wrapper adds nothing.
+            if isinstance(exc.__cause__, MedgenIOError):
+                raise exc.__cause__ from None
+            raise
 
     def _split_configs(self) -> dict[str, Any]:
         """Replace a missing ``val`` by a subject-level split of the training ``source``."""
@@ -140,6 +148,16 @@ class MedicalDataModule(L.LightningDataModule):
         return configs
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the datasets (once) and check them together.
+
+        Raises:
+            MedgenIOError: bad files (named by the datasets), or a split whose images differ in
+                shape from the training images (checked from the file headers, see
+                :func:`medgen.data.datasets.check_shapes_across_splits`).
+            ValueError: an empty training dataset.
+        """
+        from medgen.data.datasets import check_shapes_across_splits
+
         configs = self._split_configs() if "train" not in self.datasets else self.configs
         for split, config in configs.items():
             if split not in self.datasets:
@@ -147,6 +165,7 @@ class MedicalDataModule(L.LightningDataModule):
         train = self.datasets["train"]
         if train is not None and len(train) == 0:
             raise ValueError("the training dataset is empty")
+        check_shapes_across_splits(self.datasets)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

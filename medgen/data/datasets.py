@@ -15,7 +15,8 @@ puts one subject on both sides (slices and patches inherit the subject of their 
 Bad input fails early with a :class:`~medgen.data.io.MedgenIOError` that names the file: missing or
 empty folders, missing listed files, images of the wrong dimensionality or channel count (checked
 from the file headers at construction when ``check_shapes=True``), images of different sizes that
-would not batch, NaN/Inf values, unmatched or mismatched pairs. No dataset ever writes to its input
+would not batch (within a split, and across the splits of a data module with
+:func:`check_shapes_across_splits`), NaN/Inf values, unmatched or mismatched pairs. No dataset ever writes to its input
 files; on-disk caches go to a separate ``cache_dir``.
 
 Randomness (patch origins, paired crops and flips, the unpaired partner) is a pure function of
@@ -55,6 +56,7 @@ from torch.utils.data import Dataset
 from medgen.data.io import (
     IMAGE_SUFFIXES,
     MedgenIOError,
+    dicom_series_shape,
     files_by_stem,
     image_stem,
     image_suffix,
@@ -69,6 +71,7 @@ __all__ = [
     "UnpairedDataset",
     "VolumeDataset",
     "bci_pairs",
+    "check_shapes_across_splits",
     "resolve_sources",
     "split_by_subject",
 ]
@@ -227,6 +230,26 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _series_folder_error(folder: Path, count: int, example: str) -> MedgenIOError:
+    """``folder`` holds the slices of one series where a folder of series folders was expected."""
+    return MedgenIOError(
+        f"{folder}: holds the DICOM slices of one series ({count} files, e.g. {example}), but "
+        "volumes are read from a folder with one sub-folder per series: set source to the folder "
+        f"above it (data.train.source={folder.parent}) with each series in a sub-folder of its "
+        "own, or list the series folders in a CSV/JSON datalist"
+    )
+
+
+def _loose_dicom_files(folder: Path) -> list[Path]:
+    """DICOM files without an image suffix directly in ``folder`` (the slices of a series?)."""
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and image_suffix(p) not in IMAGE_SUFFIXES
+    )
+    return [p for p in files if _is_dicom_file(p)]
+
+
 def _series_folders(folder: Path) -> list[Path]:
     """Sub-folders holding DICOM files, when ``folder`` itself holds no image files."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
@@ -253,7 +276,8 @@ def resolve_sources(
 
     - a folder: every image file in it (:func:`~medgen.data.io.list_images`, not recursive), or,
       when it holds no image files but sub-folders of DICOM files, one item per sub-folder (a
-      DICOM series each, the sub-folder's name as subject);
+      DICOM series each, the sub-folder's name as subject). A folder that holds DICOM files
+      without a suffix is one series folder, not a folder of them: an error says so;
     - a glob pattern (a string containing ``*``, ``?`` or ``[``; ``**`` recurses): the matching
       image files, sorted;
     - a ``.csv`` file with an ``image`` column and optional ``subject`` and other columns;
@@ -303,7 +327,14 @@ def resolve_sources(
             if series:  # a folder of DICOM series, one sub-folder per subject
                 items = [{"image": p, "subject": p.name} for p in series]
             else:
-                items = [{"image": p, "subject": image_stem(p)} for p in list_images(path)]
+                try:
+                    files = list_images(path)
+                except MedgenIOError:
+                    loose = _loose_dicom_files(path) if path.is_dir() else []
+                    if loose:  # extensionless slices: a series folder, given one level too deep
+                        raise _series_folder_error(path, len(loose), loose[0].name) from None
+                    raise
+                items = [{"image": p, "subject": image_stem(p)} for p in files]
         elif not path.exists():
             raise MedgenIOError(f"{path}: no such file or folder")
         elif path.suffix.lower() == ".csv":
@@ -493,11 +524,14 @@ def _header_shape(path: Path) -> tuple[int, ...] | None:
     """Channel-first shape as :func:`read` would return it, from the file header only.
 
     ``None`` when the header alone cannot tell (multi-frame DICOM, NIfTI with more than four
-    dimensions, other kinds of source); those files are checked when read. A header that cannot be
-    parsed raises the same :class:`MedgenIOError` as :func:`read` would.
+    dimensions, other kinds of source); those files are checked when read. A DICOM series folder
+    gives ``(1, number of slice files, rows, columns)`` from its first slice's header. A header
+    that cannot be parsed raises the same :class:`MedgenIOError` as :func:`read` would.
     """
     suffix = image_suffix(path)
     try:
+        if path.is_dir():  # a DICOM series: (1, slices, rows, columns)
+            return dicom_series_shape(path)
         if suffix in (".nii", ".nii.gz"):
             import nibabel as nib
 
@@ -530,6 +564,22 @@ def _header_shape(path: Path) -> tuple[int, ...] | None:
     return None
 
 
+def _refuse_dicom_slices(items: Sequence[Mapping[str, Any]]) -> None:
+    """Raise when the files of a 3D dataset are single DICOM slices (a series, one level deep).
+
+    Only the first DICOM file's header is read: a single-frame file is one slice, and a volume
+    from a series is read from its folder.
+    """
+    first = next((item["image"] for item in items if image_suffix(item["image"]) == ".dcm"), None)
+    if first is None or not first.is_file():
+        return
+    shape = _header_shape(first)
+    if shape is not None and len(shape) == 3:
+        folder = first.parent
+        count = sum(1 for p in folder.iterdir() if p.is_file() and image_suffix(p) == ".dcm")
+        raise _series_folder_error(folder, count, first.name)
+
+
 def _scan_headers(
     paths: Sequence[Path], spatial_dims: int, channels: int | None
 ) -> list[tuple[int, ...] | None]:
@@ -543,14 +593,81 @@ def _scan_headers(
     return shapes
 
 
+_SHAPE_FIX = (
+    "add a resize/crop transform (e.g. medgen.data.presets.CropOrPad or "
+    "monai.transforms.ResizeWithPadOrCrop) and pass check_shapes=False "
+    "(data.train.check_shapes=false, and data.val/data.test.check_shapes=false where given)"
+)
+
+
 def _shape_error(
-    path_a: PathLike, shape_a: Sequence[int], path_b: PathLike, shape_b: Sequence[int]
-):
+    odd: PathLike, odd_shape: Sequence[int], reference: PathLike, reference_shape: Sequence[int]
+) -> MedgenIOError:
+    """``odd`` differs in shape from ``reference``: the odd file is named first."""
     return MedgenIOError(
-        f"{path_a}: shape {tuple(shape_a)} differs from {path_b}: shape {tuple(shape_b)}; images "
-        "of different sizes cannot be batched: add a resize/crop transform (e.g. "
-        "monai.transforms.ResizeWithPadOrCrop) and pass check_shapes=False"
+        f"{odd}: shape {tuple(odd_shape)} differs from {reference}: shape "
+        f"{tuple(reference_shape)}; images of different sizes cannot be batched: {_SHAPE_FIX}"
     )
+
+
+def _odd_shape(
+    entries: Sequence[tuple[Path, tuple[int, ...]]],
+) -> tuple[tuple[Path, tuple[int, ...]], tuple[Path, tuple[int, ...]]] | None:
+    """``(odd, reference)`` entries when shapes differ: the reference has the most common shape
+    (the first file's on a tie), the odd one is the first file of another shape."""
+    counts: dict[tuple[int, ...], int] = {}
+    for _, shape in entries:
+        counts[shape] = counts.get(shape, 0) + 1
+    if len(counts) < 2:
+        return None
+    common = max(counts, key=lambda shape: (counts[shape], shape == entries[0][1]))
+    reference = next(e for e in entries if e[1] == common)
+    odd = next(e for e in entries if e[1] != common)
+    return odd, reference
+
+
+def _split_shapes(dataset: Any) -> list[tuple[Path, tuple[int, ...]]]:
+    """The ``(file, item shape)`` pairs a dataset has checked to be uniform (else ``[]``)."""
+    if isinstance(dataset, VolumeDataset) and dataset.check_shapes:
+        return [(p, s) for p, s in zip(dataset.paths, dataset.header_shapes, strict=True) if s]
+    if isinstance(dataset, SliceDataset):
+        return list(dataset.plane_shapes)
+    return []
+
+
+def check_shapes_across_splits(datasets: Mapping[str, Any]) -> None:
+    """Raise when the images of one split differ in shape from those of the training split.
+
+    Each :class:`VolumeDataset` built with ``check_shapes=True`` (and each :class:`SliceDataset`
+    built with it) knows that its own images share one shape, from the file headers; this
+    compares those shapes across the splits, so an odd-sized file in the validation or test split
+    fails before training instead of at the end of the first epoch. Splits that do not check
+    their shapes (``check_shapes=False``, random patches, pairs) are not compared.
+
+    Args:
+        datasets: ``{"train": dataset, "val": dataset or None, ...}``; the first split with
+            checked shapes is the reference.
+
+    Raises:
+        MedgenIOError: naming the first file of another shape, its split and shape, and the
+            shape of the reference split with one of its files.
+    """
+    reference: tuple[str, Path, tuple[int, ...], int] | None = None
+    for split, dataset in datasets.items():
+        entries = _split_shapes(dataset)
+        if not entries:
+            continue
+        if reference is None:
+            reference = (split, entries[0][0], entries[0][1], len(entries))
+            continue
+        ref_split, ref_path, ref_shape, count = reference
+        for path, shape in entries:
+            if shape != ref_shape:
+                raise MedgenIOError(
+                    f"{path} ({split} split): shape {shape} differs from the shape {ref_shape} "
+                    f"of the {count} {ref_split} image(s) (e.g. {ref_path}); every split must "
+                    f"have the size the model is trained on: {_SHAPE_FIX}"
+                )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,8 +817,11 @@ class VolumeDataset(_TrainValMixin, Dataset):
         cache: ``"none"``, ``"memory"`` or ``"disk"``.
         cache_dir: folder of the disk cache (required for ``cache="disk"``).
         check_shapes: at construction, read every file header (not the pixels) and raise when a
-            file has the wrong dimensionality or channel count or when two files differ in shape.
-            Pass ``False`` when a ``transform`` makes sizes uniform.
+            file has the wrong dimensionality or channel count or when two files differ in shape
+            (naming the odd one); :class:`~medgen.data.MedicalDataModule` then compares the
+            shapes across its splits (:func:`check_shapes_across_splits`). A DICOM series
+            folder's shape comes from its slice count and first header. Pass ``False`` when a
+            ``transform`` makes sizes uniform.
         items: entries from :func:`resolve_sources` / :func:`split_by_subject` instead of
             ``source``.
         channels: expected channel count. ``None``: 1 for volumes (a 4D NIfTI such as a time
@@ -709,9 +829,10 @@ class VolumeDataset(_TrainValMixin, Dataset):
         base_dir: folder that relative paths of ``source`` resolve against.
 
     Raises:
-        MedgenIOError: bad sources (see :func:`resolve_sources`), and, at construction with
-            ``check_shapes`` or else when read: wrong dimensionality or channel count, mixed
-            shapes, undecodable files, NaN/Inf values.
+        MedgenIOError: bad sources (see :func:`resolve_sources`); for ``spatial_dims=3``, single
+            DICOM slices (``source`` set to one series folder instead of the folder of series
+            folders); and, at construction with ``check_shapes`` or else when read: wrong
+            dimensionality or channel count, mixed shapes, undecodable files, NaN/Inf values.
     """
 
     def __init__(
@@ -742,6 +863,8 @@ class VolumeDataset(_TrainValMixin, Dataset):
             raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
         self.cache = cache
         self.check_shapes = check_shapes
+        if self.spatial_dims == 3:
+            _refuse_dicom_slices(self.items)
         #: Shapes ``(C, *spatial)`` from the headers (``None`` where unknown or not checked).
         self.header_shapes: list[tuple[int, ...] | None] = [None] * len(self.items)
         if check_shapes:
@@ -801,14 +924,11 @@ class VolumeDataset(_TrainValMixin, Dataset):
         return [item["subject"] for item in self.items]
 
     def _check_uniform(self) -> None:
-        first: tuple[Path, tuple[int, ...]] | None = None
-        for path, shape in zip(self.paths, self.header_shapes, strict=True):
-            if shape is None:
-                continue
-            if first is None:
-                first = (path, shape)
-            elif shape != first[1]:
-                raise _shape_error(first[0], first[1], path, shape)
+        entries = [(p, s) for p, s in zip(self.paths, self.header_shapes, strict=True) if s]
+        found = _odd_shape(entries)
+        if found is not None:
+            (odd, odd_shape), (reference, reference_shape) = found
+            raise _shape_error(odd, odd_shape, reference, reference_shape)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -836,7 +956,7 @@ class VolumeDataset(_TrainValMixin, Dataset):
         _check_layout(path, image.shape, self.spatial_dims, self.channels)
         reference = self._reference
         if reference is not None and tuple(image.shape) != reference[1]:
-            raise _shape_error(reference[0], reference[1], path, tuple(image.shape))
+            raise _shape_error(path, tuple(image.shape), reference[0], reference[1])
         return image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -966,17 +1086,20 @@ class SliceDataset(_TrainValMixin, Dataset):
         self._volume = _LastVolume(self.volumes)
         table = []
         reference: tuple[str, tuple[int, ...]] | None = None
+        #: ``(volume file, slice shape (C, *plane))`` when ``check_shapes`` (else empty).
+        self.plane_shapes: list[tuple[Path, tuple[int, ...]]] = []
         for v in range(len(self.volumes)):
             volume = _plain(self._volume(v))
             plane = tuple(s for d, s in enumerate(volume.shape) if d != self.axis + 1)
             if check_shapes:
+                self.plane_shapes.append((self.volumes.paths[v], plane))
                 if reference is None:
                     reference = (str(self.volumes.paths[v]), plane)
                 elif plane != reference[1]:
                     raise MedgenIOError(
-                        f"{reference[0]}: slices along axis {self.axis} have shape {reference[1]} "
-                        f"but those of {self.volumes.paths[v]} have shape {plane}; add a "
-                        "resize/crop transform and pass check_shapes=False"
+                        f"{self.volumes.paths[v]}: slices along axis {self.axis} have shape "
+                        f"{plane} but those of {reference[0]} have shape {reference[1]}; "
+                        f"{_SHAPE_FIX}"
                     )
             kept = torch.nonzero(self._keep(volume)).flatten().tolist()
             if not kept:

@@ -44,6 +44,7 @@ __all__ = [
     "MedgenIOError",
     "affine_from_axcodes",
     "axcodes_from_affine",
+    "dicom_series_shape",
     "image_stem",
     "files_by_stem",
     "image_suffix",
@@ -300,7 +301,27 @@ class _DicomSeriesReader(PydicomReader):
         # The state PydicomReader.read leaves for get_data when it has read a series folder.
         self.has_series = True
         self.filenames = [list(self._files)]
-        return list(self._datasets)
+        return [_SliceForMonai(ds) for ds in self._datasets]
+
+
+class _SliceForMonai:
+    """A slice as MONAI's series code sees it: the pydicom dataset, ``PixelSpacing`` a plain list.
+
+    MONAI appends the mean slice distance to the first slice's ``PixelSpacing`` in place. On
+    pydicom's ``MultiValue`` of DS that append checks the float as a DS string, which raises
+    ``OverflowError`` under pydicom's strict validation (``RAISE``) whenever the distance needs
+    more than 16 characters (``2.5000000000000036``), even for a regular series; and it would
+    change the dataset. A list of floats takes the append; everything else is the dataset's.
+    """
+
+    def __init__(self, ds: Any) -> None:
+        self._ds = ds
+        spacing = _dicom_float(ds, "PixelSpacing", 2)
+        if spacing is not None:
+            self.PixelSpacing = spacing.tolist()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
 
 
 def _dicom_float(ds: Any, keyword: str, count: int) -> np.ndarray | None:
@@ -322,16 +343,8 @@ def _dicom_length(ds: Any, keyword: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _dicom_series_slices(folder: Path) -> tuple[list[Any], list[str], np.ndarray | None]:
-    """Read and check every slice of a series folder and order them along the slice normal.
-
-    Returns:
-        The pydicom datasets (pixel data decoded and cached) and their file names, ordered, and
-        the slice step as an LPS vector when it is known from the orientation (else ``None``).
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+def _series_files(folder: Path) -> list[Path]:
+    """The slice files of a series folder, sorted: no hidden files, no DICOMDIR, no sub-folders."""
     files = sorted(
         p
         for p in folder.iterdir()
@@ -342,6 +355,106 @@ def _dicom_series_slices(folder: Path) -> tuple[list[Any], list[str], np.ndarray
             f"{folder}: folder is empty; expected the DICOM files of one series "
             "(sub-folders are not searched)"
         )
+    return files
+
+
+def dicom_series_shape(folder: str | Path) -> tuple[int, ...] | None:
+    """The shape ``(1, slices, rows, columns)`` :func:`read` gives a series folder, from one header.
+
+    Counts the slice files (as :func:`read` selects them) and reads the header of the first one,
+    without pixels, so checking the shapes of many series stays cheap. Slices that differ from the
+    first one, and files that are not slices, are found (and named) when the series is read.
+
+    Args:
+        folder: a folder holding the DICOM files of one series.
+
+    Returns:
+        The channel-first shape, or ``None`` when the first file holds several frames or colour
+        samples (which :func:`read` refuses in a series, with a message).
+
+    Raises:
+        MedgenIOError: an empty folder, or a first file that is not a readable DICOM header.
+    """
+    import pydicom
+
+    folder = Path(folder)
+    files = _series_files(folder)
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise MedgenIOError(
+            f"{files[0]}: not a readable DICOM image header in series folder {folder}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if frames > 1 or samples != 1:
+        return None
+    return (1, len(files), rows, columns)
+
+
+def _position_text(position: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in position) + ")"
+
+
+def _spacing_error(
+    folder: Path, files: list[Path], positions: list[np.ndarray], normal: np.ndarray
+) -> MedgenIOError | None:
+    """The error for slices (in position order) that are not evenly spaced, or ``None``.
+
+    The step is the smallest distance between neighbours. A distance of ``n`` steps means
+    ``n - 1`` missing slices, whose positions are named; any other distance is irregular spacing.
+    """
+    distance = np.array([float(p @ normal) for p in positions])
+    gaps = np.diff(distance)
+    if gaps.size == 0 or gaps.max() - gaps.min() <= 0.01 * gaps.mean() + 1e-4:
+        return None
+    step = float(gaps.min())
+    tolerance = 0.01 * step + 1e-4
+    missing: list[str] = []
+    holes: list[str] = []
+    irregular: list[str] = []
+    for k, gap in enumerate(gaps):
+        if abs(gap - step) <= tolerance:
+            continue
+        between = f"between {files[k].name} and {files[k + 1].name}"
+        n = round(gap / step)
+        if n >= 2 and abs(gap - n * step) <= n * tolerance:
+            missing += [_position_text(positions[k] + j * step * normal) for j in range(1, n)]
+            holes.append(f"{n - 1} {between}")
+        else:
+            irregular.append(f"{gap:.4g} mm {between}")
+    parts = []
+    if missing:
+        where = holes[0][2:] if len(missing) == 1 else f"({'; '.join(holes)})"
+        parts.append(
+            f"{len(missing)} slice{'' if len(missing) == 1 else 's'} missing {where}: no slice "
+            f"at ImagePositionPatient (LPS, mm) {', '.join(missing[:10])}"
+            + (f" ... (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
+    if irregular:
+        parts.append(f"slice spacing is not uniform: {'; '.join(irregular[:10])}")
+    return MedgenIOError(
+        f"{folder}: {'; '.join(parts)}, where the other slices lie {step:.4g} mm apart. A volume "
+        "needs evenly spaced slices: restore the missing files (or export the series again), or "
+        "resample the series to uniform spacing first"
+    )
+
+
+def _dicom_series_slices(folder: Path) -> tuple[list[Any], list[str], np.ndarray | None]:
+    """Read and check every slice of a series folder and order them along the slice normal.
+
+    Returns:
+        The pydicom datasets (pixel data decoded and cached) and their file names, ordered, and
+        the slice step as an LPS vector when it is known from the orientation (else ``None``).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = _series_files(folder)
 
     datasets = []
     for file in files:
@@ -422,13 +535,11 @@ def _dicom_series_slices(folder: Path) -> tuple[list[Any], list[str], np.ndarray
                     f"{folder}: slices {a} and {b} lie at the same position along the slice normal "
                     "(two acquisitions, e.g. echoes or phases, in one series?); separate them"
                 )
-            if gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-4:
-                warnings.warn(
-                    f"{folder}: slice spacing is not uniform ({gaps.min():.4g} to "
-                    f"{gaps.max():.4g} mm; a missing slice?); the affine uses the mean spacing "
-                    f"{gaps.mean():.4g} mm",
-                    stacklevel=3,
-                )
+            error = _spacing_error(
+                folder, [files[i] for i in order], [positions[i] for i in order], normal
+            )
+            if error is not None:
+                raise error
         # The slice step of a one-slice series (more slices: the positions give it).
         thickness = _dicom_length(datasets[0], "SpacingBetweenSlices")
         thickness = thickness or _dicom_length(datasets[0], "SliceThickness") or 1.0
@@ -523,8 +634,9 @@ def read(path: str | Path) -> MetaTensor:
         MedgenIOError: missing file, unsupported suffix, or a file that cannot be decoded
             (corrupt, truncated, wrong format); for a folder also: no files, a file that is not
             a readable single-frame DICOM image (named), several series (their
-            ``SeriesInstanceUID`` listed), slices of different sizes or orientations, or two
-            slices at one position.
+            ``SeriesInstanceUID`` listed), slices of different sizes or orientations, two
+            slices at one position, or slices that are not evenly spaced (a missing slice: its
+            position is named).
     """
     path = Path(path)
     if path.is_dir():

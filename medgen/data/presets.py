@@ -253,6 +253,27 @@ def _linear(
     return y
 
 
+def _integer_dtype(tensor: torch.Tensor) -> np.dtype | None:
+    """The integer dtype the values were stored as: the file's, else the tensor's, else ``None``.
+
+    Images from :func:`medgen.data.io.read` name the file's dtype in ``meta["source_dtype"]``
+    (``"uint16"`` for a 16-bit PNG, which is read as ``int32`` and reaches presets from the
+    datasets as ``float32``).
+    """
+    meta = getattr(tensor, "meta", None)
+    names = [meta.get("source_dtype")] if isinstance(meta, Mapping) else []
+    if not tensor.is_floating_point():
+        names.append(str(tensor.dtype).removeprefix("torch."))
+    for name in names:
+        try:
+            dtype = np.dtype(str(name))
+        except (TypeError, ValueError):
+            continue
+        if dtype.kind in "iu":
+            return dtype
+    return None
+
+
 class ScaleRange(Preset):
     """Linear map of ``in_range`` onto ``out_range``, the generic intensity preset.
 
@@ -262,10 +283,20 @@ class ScaleRange(Preset):
     also clips its input to ``out_range`` before mapping back, so that model outputs slightly out
     of range stay within ``in_range``.
 
+    Integer counts (an integer tensor, or an image read from an integer file, whose
+    ``meta["source_dtype"]`` says so) outside ``in_range`` are refused by default rather than
+    clipped: they mean that ``in_range`` does not fit the files (16-bit PNGs through the 8-bit
+    range ``[0, 255]`` would all come out as the constant ``1.0``). The error names the file and
+    the range that fits its dtype. Float data (HU, MR units, ``[0, 1]`` images) is windowed and
+    clipped as above.
+
     Args:
         in_range: ``(low, high)`` of the input, in its units.
         out_range: ``(low, high)`` it is mapped to.
         clip: clip to ``out_range`` (forward) and before the inverse.
+        strict: refuse input values outside ``in_range`` with a ``ValueError``: ``None`` (the
+            default) for integer counts only, ``True`` for every input, ``False`` never (clip, or
+            map beyond ``out_range`` with ``clip=False``, on purpose).
 
     Shapes:
         ``(C, *spatial)`` → ``(C, *spatial)`` float32. ``inverse`` is elementwise and accepts any
@@ -277,19 +308,54 @@ class ScaleRange(Preset):
         in_range: Sequence[float],
         out_range: Sequence[float] = (-1.0, 1.0),
         clip: bool = True,
+        strict: bool | None = None,
     ) -> None:
         self.in_range = _pair(in_range, "in_range")
         self.out_range = _pair(out_range, "out_range")
         self.clip = bool(clip)
+        if strict is not None and not isinstance(strict, bool):
+            raise ValueError(f"strict must be True, False or None, got {strict!r}")
+        self.strict = strict
         self.output_range = self.out_range
-        self._remember(in_range=self.in_range, out_range=self.out_range, clip=self.clip)
+        args = {"in_range": self.in_range, "out_range": self.out_range, "clip": self.clip}
+        if strict is not None:  # configs (and checkpoints) from before strict stay as they were
+            args["strict"] = strict
+        self._remember(**args)
 
     @property
     def _name(self) -> str:
         return type(self).__name__
 
+    def _check_in_range(self, tensor: torch.Tensor) -> None:
+        """Refuse values outside ``in_range`` when :attr:`strict` asks for it (see the class)."""
+        integer = _integer_dtype(tensor)
+        if self.strict is False or (self.strict is None and integer is None):
+            return
+        x = _plain(tensor)
+        if not x.numel():
+            return
+        low, high = float(x.min()), float(x.max())
+        a, b = self.in_range
+        if a <= low and high <= b:
+            return
+        if integer is not None:
+            info = np.iinfo(integer)
+            fit = (0 if low >= 0 else int(info.min), int(info.max))
+            stored = f" (stored as {integer.name}, {8 * integer.itemsize}-bit)"
+        else:
+            fit = (math.floor(low), math.ceil(high))
+            stored = ""
+        raise ValueError(
+            f"{_describe(tensor)}values in [{low:g}, {high:g}]{stored} lie outside {self._name}'s "
+            f"in_range [{a:g}, {b:g}]; they would be clipped to constants and lost. Set in_range "
+            f"to the data's range, e.g. in_range=[{fit[0]},{fit[1]}] (on the command line: "
+            f"data.train.transform.in_range=[{fit[0]},{fit[1]}]), or pass strict=False "
+            "(+data.train.transform.strict=false) to clip on purpose"
+        )
+
     def __call__(self, image: ImageLike) -> torch.Tensor:
         tensor = _check_image(image, self._name)
+        self._check_in_range(tensor)
         clip = self.out_range if self.clip else None
         return _like(_linear(_float(tensor), self.in_range, self.out_range, clip), tensor)
 
@@ -316,7 +382,8 @@ class CTWindow(ScaleRange):
     """
 
     def __init__(self, low: float = -1000.0, high: float = 1000.0) -> None:
-        super().__init__((low, high), (-1.0, 1.0), clip=True)
+        # A window clips on purpose: HU outside it are not an error, whatever the file's dtype.
+        super().__init__((low, high), (-1.0, 1.0), clip=True, strict=False)
         self._remember(low=self.in_range[0], high=self.in_range[1])
 
 
