@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 import medgen
-import medgen.tiling
+import medgen.inference.layerwise
 from medgen.data import PhantomDataset
 from medgen.models import AutoencoderKL
 
@@ -120,18 +120,18 @@ def seam_error(tiled: torch.Tensor, whole: torch.Tensor, border: int) -> dict[st
 @contextlib.contextmanager
 def _record_intermediates(sizes: list[int]) -> Iterator[None]:
     """Record the byte size of every intermediate volume layer-by-layer decoding allocates."""
-    original = medgen.tiling._Store.empty
+    original = medgen.inference.layerwise._Store.empty
 
     def empty(store, shape, dtype):  # noqa: ANN001, ANN202
         volume = original(store, shape, dtype)
         sizes.append(volume.numel() * volume.element_size())
         return volume
 
-    medgen.tiling._Store.empty = empty
+    medgen.inference.layerwise._Store.empty = empty
     try:
         yield
     finally:
-        medgen.tiling._Store.empty = original
+        medgen.inference.layerwise._Store.empty = original
 
 
 def run_size(model: AutoencoderKL, size: int, args, device: torch.device) -> dict:

@@ -10,7 +10,7 @@
    norm uses the whole image's statistics, every convolution sees its real neighbours; the result
    is the whole-image translation up to float rounding), and
 3. writes the large slice as a 16-bit PNG and translates it with
-   ``medgen-sample checkpoint=... input=... output_dir=... layerwise=true`` (here through
+   ``medgen-sample checkpoint=... input=... output_dir=... tiling=exact`` (here through
    ``medgen.sample``), with the intermediate images in memory-mapped files (``offload_dir``).
 
 The defaults are tiny (32x32 slices, 1 epoch) so that it finishes in well under a minute on a CPU.
@@ -79,16 +79,16 @@ def main() -> None:
             f"checkpoint={result['model_dir']}",
             f"input={out / 'large'}",
             f"output_dir={out / 'translated'}",
-            f"tile={args.size}",
-            "layerwise=true",
-            f"offload_dir={out / 'offload'}",
+            "tiling=exact",  # tiles layer by layer (tiling.layerwise=true)
+            f"tiling.tile={args.size}",
+            f"tiling.offload_dir={out / 'offload'}",
         ],
     )
     (path,) = medgen.sample(sample_cfg)
     from_file = read(path).float() / 65535
     expected = model.translate(read(out / "large" / "slice.png").float() / 65535, tile=None)
     error = float((from_file - expected.clamp(0, 1)).abs().max())
-    print(f"medgen-sample layerwise=true wrote {path} (max difference to whole: {error:.1e})")
+    print(f"medgen-sample tiling=exact wrote {path} (max difference to whole: {error:.1e})")
     assert np.isclose(error, 0.0, atol=2 / 65535), error
     torch.testing.assert_close(exact, whole, atol=1e-4 * scale, rtol=0)
 

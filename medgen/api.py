@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medgen.data.outputs import write_images
+from medgen.inference.settings import Tiling
 from medgen.pretrained import CheckpointError, load, load_checkpoint_file
 from medgen.utils.files import ensure_writable_dir, write_json
 from medgen.utils.instantiate import instantiate, to_plain
@@ -262,6 +264,28 @@ def sample(cfg: DictConfig) -> list[Path]:
     return paths
 
 
+#: Top-level keys of sample/encode configs that were tiling settings before ``tiling.*``.
+LEGACY_TILING_KEYS = ("tile", "overlap", "margin", "batch_tiles", "layerwise", "offload_dir")
+
+
+def tiling_from_config(cfg: DictConfig) -> Tiling:
+    """The :class:`~medgen.inference.Tiling` of a sample/encode config (``tiling.*``).
+
+    The old top-level keys (``tile=256``, ``layerwise=true``, ...) still work: when set, they
+    override ``tiling.*``, with a deprecation warning.
+    """
+    settings = to_plain(cfg.get("tiling")) or {}
+    legacy = {k: to_plain(cfg.get(k)) for k in LEGACY_TILING_KEYS if cfg.get(k) is not None}
+    if legacy:
+        warnings.warn(
+            f"{', '.join(f'{k}=' for k in legacy)} are deprecated: use "
+            f"{', '.join(f'tiling.{k}=' for k in legacy)}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return Tiling.from_any(settings, **legacy)
+
+
 def _translate(cfg: DictConfig, model: torch.nn.Module) -> list[Path]:
     """``medgen-sample input=PATH``: translate a file or folder with a translation model."""
     from medgen.inference import translate_files
@@ -276,25 +300,14 @@ def _translate(cfg: DictConfig, model: torch.nn.Module) -> list[Path]:
             f"'{cfg.checkpoint}' holds a {type(model).__name__}, which translates images: give "
             "input=FILE_OR_FOLDER"
         )
-    tile = cfg.get("tile", "auto")
-    tile = list(tile) if isinstance(tile, Sequence) and not isinstance(tile, str) else tile
-    margin = cfg.get("margin", "auto")
-    margin = (
-        list(margin) if isinstance(margin, Sequence) and not isinstance(margin, str) else margin
-    )
     paths = translate_files(
         model,
         cfg.input,
         cfg.output_dir,
         direction=cfg.get("direction", "a2b"),
-        tile=tile,
-        overlap=float(cfg.get("overlap", 0.25)),
-        margin=margin,
+        tiling=tiling_from_config(cfg),
         deterministic=bool(cfg.get("deterministic", True)),
-        batch_tiles=int(cfg.get("batch_tiles", 1)),
         input_preset=to_plain(cfg.input_preset) if cfg.get("input_preset") else None,
-        layerwise=bool(cfg.get("layerwise", False)),
-        offload_dir=cfg.get("offload_dir"),
     )
     log.info("medgen: translated %d files into %s", len(paths), cfg.output_dir)
     return paths
@@ -379,14 +392,7 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
             raise
         raise cause from err
     splits = [str(s) for s in cfg.get("splits", ["train", "val"])]
-    tile = cfg.get("tile")
-    tile = list(tile) if tile is not None and not isinstance(tile, int) else tile
-    kwargs = {
-        "tile": tile,
-        "overlap": float(cfg.get("overlap", 0.5)),
-        "layerwise": bool(cfg.get("layerwise", False)),
-        "offload_dir": cfg.get("offload_dir"),
-    }
+    tiling = tiling_from_config(cfg)
     max_items = cfg.get("scale_max_items")
     factor = model.downsample_factor
 
@@ -410,7 +416,7 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
             image = item["image"]
             try:
                 x = torch.as_tensor(image).float()[None]
-                z = model.encode(x, **kwargs)[0].float().cpu()
+                z = model.encode(x, tiling)[0].float().cpu()
             except (ValueError, RuntimeError) as err:
                 raise MedgenIOError(f"{source}: cannot encode this image: {err}") from err
             if not torch.isfinite(z).all():
@@ -454,7 +460,8 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
         "spatial_dims": model.spatial_dims,
         "downsample_factor": factor,
         "value_range": list(model.value_range),
-        "tile": tile,
+        "tile": tiling.to_dict()["tile"],
+        "tiling": tiling.to_dict(),
         **index,
     }
     write_json(index, output_dir / LATENTS_INDEX)

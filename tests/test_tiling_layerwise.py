@@ -310,15 +310,15 @@ def test_layerwise_translation_refuses_a_unet():
 def test_group_statistics_merged_over_pieces_match_the_whole():
     # Strided pieces of different sizes, merged, give the whole tensor's moments, also with a
     # large mean against a small spread (CT in HU, say), where E[x^2] - E[x]^2 cancels.
-    from medgen.tiling import _GroupSums
+    from medgen.inference.global_stats import GroupMoments
 
     generator = torch.Generator().manual_seed(11)
     x = 1000.0 + 0.5 * torch.randn(2, 6, 10, 9, 8, generator=generator)
-    sums = _GroupSums(3)
+    sums = GroupMoments(3)
     for piece in (x[..., :3, :, :], x[..., 3:7, :, :4], x[..., 3:7, :, 4:], x[..., 7:, :, :]):
         sums.add(piece)  # strided views, different sizes
     mean, var = sums.moments()
     whole = x.double().reshape(2, 3, -1)
     torch.testing.assert_close(mean, whole.mean(-1), rtol=1e-7, atol=0)
     torch.testing.assert_close(var, whole.var(-1, correction=0), rtol=1e-4, atol=0)
-    assert _GroupSums(3).moments() is None
+    assert GroupMoments(3).moments() is None

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medgen.inference import tiled_apply
+from medgen.inference import Tiling
 from medgen.losses.adversarial import AdversarialObjective, resolve_adv_loss
 from medgen.losses.perceptual import PerceptualLoss
 from medgen.metrics import PairwiseMetrics
@@ -41,7 +40,6 @@ from medgen.models.base import seeded_generator
 from medgen.nets.vae import VAENet
 from medgen.nets.vqgan import VQGANNet
 from medgen.nn import DiagonalGaussian
-from medgen.tiling import layerwise_apply, tiled_apply_global_norm
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,6 @@ DEFAULT_DISCRIMINATOR: dict[str, Any] = {
     "n_layers": 3,
     "norm": "batch",
 }
-NORM_STATS = ("global", "tile")
 
 
 def latent_scale_factor(latents: Iterable[Tensor]) -> float:
@@ -204,56 +201,29 @@ class LatentAutoencoder(AdversarialModule):
     # ----------------------------------------------------------------- tiled inference
     def _run(
         self,
-        fn,
+        fn: Callable[[Tensor], Tensor],
         module: nn.Module,
         x: Tensor,
-        tile: int | Sequence[int] | None,
-        overlap: float,
+        tiling: Tiling,
         scale: float,
-        norm_stats: str,
-        margin: int | Sequence[int],
-        output_device: str | torch.device | None,
-        progress: bool,
-        out: Tensor | None = None,
-        layerwise: bool = False,
-        offload_dir: str | Path | None = None,
+        out: Tensor | None,
         head: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        if norm_stats not in NORM_STATS:
-            raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
-        if layerwise and tile is not None:
-            # Exact: stage by stage with real halos and whole-volume statistics (medgen.tiling).
-            y = layerwise_apply(
-                module.stages(),
+        """``fn(x)``, whole or tiled as ``tiling`` says; layer by layer, ``module.stages()`` run
+        exactly and ``head`` (the latent head of the encoder) follows on the whole result."""
+        if tiling.layerwise and tiling.tile is not None:
+            y = tiling.apply(
+                module,
                 x,
-                tile,
+                stages=module.stages,
                 device=self.device,
-                offload_dir=offload_dir,
                 out=out if head is None else None,
-                output_device=output_device,
-                progress=progress,
             )
             if head is None:
                 return y
             y = head(y)
             return y if out is None else out.copy_(y)
-        if tile is None:
-            y = fn(x)
-            if out is not None:
-                if out.shape != y.shape:
-                    raise ValueError(f"out has shape {tuple(out.shape)}; expected {tuple(y.shape)}")
-                return out.copy_(y)
-            return y if output_device is None else y.to(output_device)
-        kwargs = dict(
-            margin=margin,
-            output_device=output_device,
-            progress=progress,
-            accumulate_dtype=torch.float32,
-            out=out,
-        )
-        if norm_stats == "tile":
-            return tiled_apply(fn, x, tile, overlap, scale, **kwargs)
-        return tiled_apply_global_norm(fn, x, tile, overlap, scale, module=module, **kwargs)
+        return tiling.apply(fn, x, scale=scale, module=module, out=out)
 
     def _check_input(self, x: Tensor, what: str) -> None:
         if not isinstance(x, Tensor) or x.ndim != self.spatial_dims + 2:
@@ -278,43 +248,30 @@ class LatentAutoencoder(AdversarialModule):
     def encode(
         self,
         x: Tensor,
-        tile: int | Sequence[int] | None = None,
-        overlap: float = 0.5,
+        tiling: Tiling | Mapping[str, Any] | int | Sequence[int] | None = None,
         *,
-        norm_stats: str = "global",
-        margin: int | Sequence[int] = 0,
-        output_device: str | torch.device | None = None,
-        progress: bool = False,
         out: Tensor | None = None,
-        layerwise: bool = False,
-        offload_dir: str | Path | None = None,
+        **options: Any,
     ) -> Tensor:
         """Latents of images ``x`` ``(B, C, *spatial)``: ``(B, C_latent, *spatial / f)``.
 
         Args:
             x: Images in data units; every spatial size divisible by :attr:`downsample_factor`.
-            tile: ``None`` encodes the whole input at once; otherwise the tile size **in image
-                voxels** (int or per axis, a multiple of ``f``), and the input is encoded in
-                overlapping tiles blended with Gaussian weights, so that memory is that of one
-                tile plus the latent.
-            overlap: Fraction of a tile shared with each neighbour (0.5 by default: a trained
-                decoder's outputs near a tile's edge differ from whole decoding, and the wide
-                overlap keeps them out of the blend; 0.25 is about 3x faster in 3D).
-            norm_stats: ``"global"`` (default): GroupNorm statistics of the whole input, measured
-                layer by layer in partial passes over the tiles (:mod:`medgen.tiling`); the result
-                matches whole-input encoding up to tile-border effects. ``"tile"``: each tile is
-                normalised with its own statistics (one pass, as MONAI / MAISI sliding windows).
-            margin: Image voxels at tile edges facing a neighbour that get no weight.
-            output_device: Where the latent is assembled (default: ``x``'s device).
-            progress: Show a progress bar over tiles.
+            tiling: How to tile (:class:`~medgen.inference.Tiling`, a dict of its settings, or
+                just the tile size). ``None`` encodes the whole input at once. With a tile
+                **in image voxels** (a multiple of ``f``) the input is encoded in overlapping
+                tiles blended with Gaussian weights (``overlap`` 0.5 by default: a trained net's
+                outputs near a tile's edge differ from whole inference, and the wide overlap
+                keeps them out of the blend), with GroupNorm statistics of the whole input
+                (``norm_stats="global"``, :mod:`medgen.inference.global_stats`) or of each tile
+                (``"tile"``, as MONAI / MAISI); ``layerwise=True`` encodes layer by layer
+                (:func:`medgen.inference.layerwise_apply`), equal to whole-input encoding up to
+                float rounding, with one tile's memory on the model's device and the
+                intermediate volumes in host memory or ``offload_dir``.
             out: Optional preallocated ``(B, C_latent, *spatial / f)`` floating tensor that
                 receives the latent (see :meth:`decode`).
-            layerwise: Encode layer by layer (:func:`medgen.tiling.layerwise_apply`): exact
-                (equal to whole-input encoding up to float rounding), with one tile's memory on
-                the model's device and the intermediate volumes in host memory or
-                ``offload_dir``; ``overlap``, ``margin`` and ``norm_stats`` are then unused.
-            offload_dir: With ``layerwise``, a directory for the intermediate volumes
-                (memory-mapped files, removed afterwards) instead of host memory.
+            **options: Tiling settings as keywords (``tile=64, layerwise=True``), overriding
+                ``tiling``'s.
 
         Returns:
             Posterior means (:class:`AutoencoderKL`) or codebook vectors (:class:`VQGAN`).
@@ -322,20 +279,14 @@ class LatentAutoencoder(AdversarialModule):
         self._check_input(x, "x")
         self._check_divisible(x.shape[2:], "image size")
         x = x.to(self.device, self.dtype)
+        tiling = Tiling.from_any(tiling, **options).with_defaults(overlap=0.5, margin=0)
         z = self._run(
             self._encode_net,
             self.net.encoder,
             x,
-            tile,
-            overlap,
+            tiling,
             1.0 / self.downsample_factor,
-            norm_stats,
-            margin,
-            output_device,
-            progress,
             out,
-            layerwise,
-            offload_dir,
             self._encoder_head,
         )
         z = self._post_encode(z)
@@ -351,74 +302,56 @@ class LatentAutoencoder(AdversarialModule):
     def decode(
         self,
         z: Tensor,
-        tile: int | Sequence[int] | None = None,
-        overlap: float = 0.5,
+        tiling: Tiling | Mapping[str, Any] | int | Sequence[int] | None = None,
         *,
-        norm_stats: str = "global",
-        margin: int | Sequence[int] = 0,
-        output_device: str | torch.device | None = None,
-        progress: bool = False,
         out: Tensor | None = None,
-        layerwise: bool = False,
-        offload_dir: str | Path | None = None,
+        **options: Any,
     ) -> Tensor:
         """Images ``(B, C, *spatial * f)`` in data units from latents ``(B, C_latent, *spatial)``.
 
         Args:
             z: Unscaled latents (divide by the scale factor first if they came from a
                 diffusion model trained on scaled latents).
-            tile: ``None`` decodes at once; otherwise the tile size **in latent voxels** (int or
-                per axis): a tile of 16 latent voxels is a 64-voxel image tile for ``f = 4``.
-                Memory is then that of decoding one tile plus the output volume.
-            overlap: Fraction of a tile shared with each neighbour.
-            norm_stats: ``"global"`` or ``"tile"``, as for :meth:`encode`.
-            margin: Latent voxels at tile edges facing a neighbour that get no weight.
-            output_device: Where the image is assembled (e.g. ``"cpu"`` for a volume that does
-                not fit on the GPU).
-            progress: Show a progress bar over tiles.
+            tiling: How to tile, as for :meth:`encode`, with the tile **in latent voxels**: a
+                tile of 16 latent voxels is a 64-voxel image tile for ``f = 4``. Memory is then
+                that of decoding one tile plus the output volume (``output_device="cpu"`` keeps
+                the volume off the GPU). ``layerwise=True`` decodes layer by layer: every stage
+                runs over the whole volume in tiles with exact halos and the whole volume's
+                GroupNorm statistics, so the result equals whole decoding up to float rounding
+                (no seams); the intermediate volumes (a few times the widest full-resolution
+                activation) go to host memory or ``offload_dir``.
             out: Optional preallocated ``(B, C, *spatial * f)`` floating tensor that receives the
                 image, e.g. ``torch.from_numpy(numpy.lib.format.open_memmap(path, "w+", ...))``
                 to decode a volume larger than memory straight into a ``.npy`` file: tiles are
                 blended into it, so memory is that of one tile (plus the statistics passes'
                 per-group sums).
-            layerwise: Decode layer by layer (:func:`medgen.tiling.layerwise_apply`): every
-                stage of the decoder runs over the whole volume in tiles with exact halos and
-                the whole volume's GroupNorm statistics, so the result equals whole decoding up
-                to float rounding (no seams), with one tile's memory on the model's device.
-                The intermediate volumes (a few times the widest full-resolution activation)
-                go to host memory, or to ``offload_dir``. ``overlap``, ``margin`` and
-                ``norm_stats`` are then unused.
-            offload_dir: With ``layerwise``, a directory for the intermediate volumes
-                (memory-mapped files, removed afterwards) instead of host memory.
+            **options: Tiling settings as keywords, overriding ``tiling``'s.
         """
         self._check_input(z, "z")
         z = self._pre_decode(z.to(self.device, self.dtype))
+        tiling = Tiling.from_any(tiling, **options).with_defaults(overlap=0.5, margin=0)
         return self._run(
-            self._decode_net,
-            self.net.decoder,
-            z,
-            tile,
-            overlap,
-            float(self.downsample_factor),
-            norm_stats,
-            margin,
-            output_device,
-            progress,
-            out,
-            layerwise,
-            offload_dir,
+            self._decode_net, self.net.decoder, z, tiling, float(self.downsample_factor), out
         )
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """``decode(encode(x))``; keyword arguments (``tile`` etc.) go to both, with the decode
-        tile in latent voxels (``tile // f``)."""
-        z = self.encode(x, **kwargs)
-        if kwargs.get("tile") is not None:
-            tile = kwargs["tile"]
+    def reconstruct(
+        self,
+        x: Tensor,
+        tiling: Tiling | Mapping[str, Any] | int | Sequence[int] | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """``decode(encode(x))`` with the same tiling, the decode tile in latent voxels
+        (``tile // f``)."""
+        tiling = Tiling.from_any(tiling, **options)
+        z = self.encode(x, tiling)
+        if isinstance(tiling.tile, int | tuple):
             f = self.downsample_factor
-            kwargs["tile"] = tile // f if isinstance(tile, int) else [t // f for t in tile]
-        return self.decode(z, **kwargs)
+            tile = tiling.tile
+            tiling = tiling.replace(
+                tile=tile // f if isinstance(tile, int) else [t // f for t in tile]
+            )
+        return self.decode(z, tiling)
 
     # ----------------------------------------------------------------- losses
     def adv_active(self, step: int | None = None) -> bool:

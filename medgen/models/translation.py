@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medgen.inference import tiled_apply
+from medgen.inference import AUTO_TILE, Tiling
 from medgen.losses.adversarial import AdversarialObjective, has_batch_norm, resolve_adv_loss
 from medgen.losses.perceptual import PerceptualLoss
 from medgen.losses.pyramid import PyramidL1Loss
@@ -36,7 +35,6 @@ from medgen.models.adversarial import (
     zero_step_counter,
 )
 from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
-from medgen.tiling import layerwise_apply
 from medgen.utils.image_pool import ImagePool
 
 #: GAN modes of the reference code (the deprecated ``gan_mode``), and the ``adv_loss`` of each.
@@ -46,9 +44,6 @@ GAN_MODES: dict[str, str] = {
     "wgangp": "wgan",
     "hinge": "hinge",
 }
-#: Default tile of :meth:`TranslationModule.translate` per spatial dimensionality.
-AUTO_TILE = {2: 512, 3: 128}
-
 DEFAULT_RESNET: dict[str, Any] = {"_target_": "medgen.nets.ResnetGenerator", "n_blocks": 9}
 DEFAULT_PATCHGAN: dict[str, Any] = {"_target_": "medgen.nets.NLayerDiscriminator", "n_layers": 3}
 
@@ -107,28 +102,6 @@ def inference_mode(net: nn.Module, deterministic: bool = True) -> Iterator[nn.Mo
         with torch.no_grad():
             for buffer, saved in zip(snapshot.buffers, snapshot.saved, strict=True):
                 buffer.copy_(saved)
-
-
-def _resolve_tile(
-    tile: int | Sequence[int] | str | None, spatial: Sequence[int], multiple: int, dims: int
-) -> tuple[int, ...] | None:
-    """Tile size per axis, or ``None`` when the image is processed whole."""
-    if tile in (None, 0, "none", "whole"):
-        return None
-    if tile == "auto":
-        tile = AUTO_TILE[dims]
-    if isinstance(tile, str):
-        raise ValueError(f"tile must be an int, a list of ints, 'auto' or null, got {tile!r}")
-    sizes = [int(tile)] * dims if isinstance(tile, int) else [int(t) for t in tile]
-    if len(sizes) != dims or any(t < 1 for t in sizes):
-        raise ValueError(f"tile must be {dims} positive sizes, got {tile!r}")
-    if all(s <= t for s, t in zip(spatial, sizes, strict=True)):
-        return None  # one tile covers the image: run it whole (exactly fn(x))
-    # Whole multiples of the net's factor, no larger than needed along short axes.
-    return tuple(
-        max(multiple, (min(t, s) // multiple) * multiple)
-        for s, t in zip(spatial, sizes, strict=True)
-    )
 
 
 class TranslationModule(AdversarialModule):
@@ -263,41 +236,36 @@ class TranslationModule(AdversarialModule):
         self,
         x: Tensor,
         direction: str = "a2b",
-        tile: int | Sequence[int] | str | None = "auto",
-        overlap: float = 0.25,
-        margin: int | Sequence[int] | str = "auto",
+        tiling: Tiling | Mapping[str, Any] | int | Sequence[int] | str | None = None,
+        *,
         deterministic: bool = True,
-        batch_tiles: int = 1,
-        layerwise: bool = False,
-        offload_dir: str | Path | None = None,
+        **options: Any,
     ) -> Tensor:
         """Translate images ``(B, C_in, *spatial)`` (or one ``(C_in, *spatial)``) in data units.
 
         Any spatial size works: the input is reflect-padded to the generator's size multiple and
-        the output cropped back. Images larger than ``tile`` along some axis are translated tile by
+        the output cropped back. Images larger than the tile along some axis are translated tile by
         tile with blended overlaps (:func:`medgen.inference.tiled_apply`), so memory follows the
         tile size, not the image size; smaller ones are translated whole.
 
         Args:
             x: Source images in data units, on any device (the output comes back there).
             direction: ``"a2b"``, or ``"b2a"`` for a CycleGAN.
-            tile: Tile size (one int or one per axis); ``"auto"`` is 512 in 2D and 128 in 3D;
-                ``None`` translates the whole image at once.
-            overlap: Fraction of a tile shared with each neighbour.
-            margin: Voxels discarded at tile edges facing another tile (the net saw no context
-                beyond them); ``"auto"`` is half the overlap.
+            tiling: How to tile (:class:`~medgen.inference.Tiling`, a dict of its settings, or
+                the tile size). Defaults here: ``tile="auto"`` (512 in 2D, 128 in 3D;
+                ``tile=None`` translates the whole image at once), ``overlap=0.25``, and
+                ``margin="auto"`` (half the overlap is discarded at inner tile edges, where the
+                net saw no context). ``layerwise=True`` (ResNet generators) translates layer by
+                layer (:func:`medgen.inference.layerwise_apply`): every stage runs over the
+                whole image in tiles with exact halos and whole-image instance-norm statistics,
+                so the result equals a whole-image pass up to float rounding, with one tile's
+                memory on the model's device and the intermediate images in host memory (or
+                ``offload_dir``).
             deterministic: Eval mode (no dropout, running statistics; the default). ``False``
                 reproduces the reference code's test mode (dropout and batch statistics on),
                 without changing the stored statistics.
-            batch_tiles: Tiles per generator call.
-            layerwise: Translate tiled images layer by layer (:func:`medgen.tiling.layerwise_apply`,
-                ResNet generators): every stage runs over the whole image in tiles with exact
-                halos and whole-image instance-norm statistics, so the result equals a
-                whole-image pass up to float rounding, with one tile's memory on the model's
-                device and the intermediate images in host memory (or ``offload_dir``).
-                ``overlap``, ``margin`` and ``batch_tiles`` are then unused.
-            offload_dir: With ``layerwise``, a directory for the intermediate images
-                (memory-mapped files, removed afterwards) instead of host memory.
+            **options: Tiling settings as keywords (``tile=256, overlap=0.5``), overriding
+                ``tiling``'s.
 
         Returns:
             ``(B, C_out, *spatial)`` float32 in data units (``(C_out, *spatial)`` for one image).
@@ -311,15 +279,11 @@ class TranslationModule(AdversarialModule):
                 f"expected {self.spatial_dims}D images with {expected} channel(s), shaped "
                 f"(B, {expected}, *spatial), got {tuple(x.shape)}"
             )
+        tiling = Tiling.from_any({"tile": "auto"} if tiling is None else tiling, **options)
+        tiling = tiling.with_defaults(overlap=0.25, margin="auto")
         generator = self.generator_for(direction)
         multiple = size_multiple(generator)
-        tiles = _resolve_tile(tile, x.shape[2:], multiple, self.spatial_dims)
-
-        def fn(t: Tensor) -> Tensor:
-            t = self.to_net(t.to(self.device, self.dtype))
-            return self._run(generator, t).float()
-
-        if layerwise and tiles is not None:
+        if tiling.layerwise and tiling.tile_size(x.shape[2:], multiple) is not None:
             if not hasattr(generator, "stages"):
                 raise ValueError(
                     f"layerwise translation needs a ResNet generator; {type(generator).__name__} "
@@ -327,37 +291,29 @@ class TranslationModule(AdversarialModule):
                 )
             if not deterministic:
                 raise ValueError("layerwise translation runs in evaluation mode (deterministic)")
+            exact = tiling.replace(output_device=tiling.output_device or str(x.device))
 
             def staged(t: Tensor) -> Tensor:
-                return layerwise_apply(
-                    generator.stages(),
-                    t,
-                    tiles,
-                    device=self.device,
-                    offload_dir=offload_dir,
-                    output_device=x.device,
+                return exact.apply(
+                    generator, t, multiple=multiple, stages=generator.stages, device=self.device
                 )
 
-        with inference_mode(generator, deterministic):
-            if tiles is None:
-                out = fn(x).to(x.device)
-            elif layerwise:
+            with inference_mode(generator, deterministic):
                 # The whole image in net units (pointwise), padded once; tiles move to the device.
                 out = self._run(generator, self.to_net(x.to(self.dtype)), staged).float()
-            else:
-                if margin == "auto":
-                    margin = [int(overlap * t) // 2 for t in tiles]
-                out = tiled_apply(
-                    fn,
-                    x,
-                    tiles,
-                    overlap=overlap,
-                    batch_tiles=batch_tiles,
-                    margin=margin,
-                    output_device=x.device,
-                    accumulate_dtype=torch.float32,
-                )
-        out = self.to_data(out)
+            out = self.to_data(out)
+            return out[0] if single else out
+
+        def fn(t: Tensor) -> Tensor:
+            t = self.to_net(t.to(self.device, self.dtype))
+            return self._run(generator, t).float()
+
+        blended = tiling.replace(
+            layerwise=False, output_device=tiling.output_device or str(x.device)
+        )
+        with inference_mode(generator, deterministic):
+            out = blended.apply(fn, x, multiple=multiple)
+        out = self.to_data(out.to(x.device))
         return out[0] if single else out
 
     @torch.no_grad()

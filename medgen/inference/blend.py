@@ -38,28 +38,20 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medgen.utils.sequences import per_axis
+
 log = logging.getLogger(__name__)
 
-__all__ = ["tile_grid", "tile_starts", "tiled_apply", "translate_files"]
+__all__ = ["axis_starts", "tile_grid", "tile_starts", "tiled_apply"]
 
 _BLENDS = ("gaussian", "constant")
 _PAD_MODES = ("reflect", "replicate", "constant")
-
-
-def _per_axis(value, n: int, name: str) -> tuple:
-    if isinstance(value, (int, float, Fraction)) and not isinstance(value, bool):
-        return (value,) * n
-    values = tuple(value)
-    if len(values) != n:
-        raise ValueError(f"{name} must be a number or a sequence of {n}, got {value!r}")
-    return values
 
 
 def _as_fraction(scale: float, axis: int) -> Fraction:
@@ -115,20 +107,26 @@ def tile_grid(
     Returns:
         The corners in the order the tiles are processed (last axis fastest).
     """
-    starts = _axis_starts(tuple(spatial_shape), tile, overlap, scale)[0]
+    starts = axis_starts(tuple(spatial_shape), tile, overlap, scale)[0]
     corners: list[tuple[int, ...]] = [()]
-    for axis_starts in starts:
-        corners = [c + (s,) for c in corners for s in axis_starts]
+    for along in starts:
+        corners = [c + (s,) for c in corners for s in along]
     return corners
 
 
-def _axis_starts(
-    spatial: tuple[int, ...], tile, overlap, scale
+def axis_starts(
+    spatial: tuple[int, ...], tile: Any, overlap: Any, scale: Any
 ) -> tuple[list[list[int]], tuple[int, ...], tuple[float, ...], tuple[Fraction, ...]]:
+    """Tile starts per axis, and the per-axis tiles, overlaps and exact scales.
+
+    Raises:
+        ValueError: a non-positive tile, or tile/image sizes that ``scale`` cannot map to whole
+            output sizes.
+    """
     n = len(spatial)
-    tiles = tuple(int(t) for t in _per_axis(tile, n, "tile"))
-    overlaps = tuple(float(o) for o in _per_axis(overlap, n, "overlap"))
-    scales = tuple(_as_fraction(s, a) for a, s in enumerate(_per_axis(scale, n, "scale")))
+    tiles = tuple(int(t) for t in per_axis(tile, n, "tile"))
+    overlaps = tuple(float(o) for o in per_axis(overlap, n, "overlap"))
+    scales = tuple(_as_fraction(s, a) for a, s in enumerate(per_axis(scale, n, "scale")))
     if any(t < 1 for t in tiles):
         raise ValueError(f"tile sizes must be positive, got {tiles}")
     starts = []
@@ -195,7 +193,7 @@ def tiled_apply(
     sigma_scale: float = 0.125,
     accumulate_dtype: torch.dtype | None = None,
     out: Tensor | None = None,
-    _discard: bool = False,
+    discard: bool = False,
 ) -> Tensor:
     """Apply ``fn`` tile by tile and blend the overlapping outputs (sliding-window inference).
 
@@ -250,6 +248,8 @@ def tiled_apply(
         out: optional ``(B, C_out, *(spatial * scale))`` floating tensor that receives the result
             (it is overwritten and returned; its device and dtype replace ``output_device`` and
             ``accumulate_dtype``).
+        discard: only run ``fn`` on every tile and keep no output (the statistics passes of
+            :func:`~medgen.inference.tiled_apply_global_norm`); returns an empty tensor.
 
     Returns:
         ``(B, C_out, *(spatial * scale))`` in the dtype of ``fn``'s output, on ``output_device``.
@@ -275,8 +275,8 @@ def tiled_apply(
     if not sigma_scale > 0:
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
     batch, spatial = x.shape[0], tuple(x.shape[2:])
-    starts, tiles, _, scales = _axis_starts(spatial, tile, overlap, scale)
-    margins = tuple(int(m) for m in _per_axis(margin, len(spatial), "margin"))
+    starts, tiles, _, scales = axis_starts(spatial, tile, overlap, scale)
+    margins = tuple(int(m) for m in per_axis(margin, len(spatial), "margin"))
     if any(m < 0 or 2 * m >= t for m, t in zip(margins, tiles, strict=True)):
         raise ValueError(f"margin must be >= 0 and less than half the tile, got {margins}")
     device = x.device if device is None else torch.device(device)
@@ -328,7 +328,7 @@ def tiled_apply(
 
     corners = tile_grid(spatial, tiles, overlap, scales)
     crop = tuple(slice(0, n) for n in out_spatial)
-    if _discard:  # only run fn on every tile (statistics passes), keep no output
+    if discard:  # only run fn on every tile (statistics passes), keep no output
         for chunk in _chunks(corners, int(batch_tiles)):
             inputs = [cut(c) for c in chunk]
             fn(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
@@ -346,10 +346,10 @@ def tiled_apply(
         torch.float32 if output_device.type == "mps" else torch.float64
     )
     profiles, totals = [], []
-    for axis_starts, t, m, s, n in zip(starts, out_tile, margins, scales, out_spatial, strict=True):
-        axis_profiles = _axis_profiles(axis_starts, t, int(m * s), blend, sigma_scale)
+    for along, t, m, s, n in zip(starts, out_tile, margins, scales, out_spatial, strict=True):
+        axis_profiles = _axis_profiles(along, t, int(m * s), blend, sigma_scale)
         total = torch.zeros(max(n, t), dtype=torch.float64)
-        for start, profile in zip(axis_starts, axis_profiles, strict=True):
+        for start, profile in zip(along, axis_profiles, strict=True):
             total[int(start * s) : int(start * s) + t] += profile
         if not (total[:n] > 0).all():
             raise ValueError(
@@ -411,161 +411,3 @@ def tiled_apply(
 # translating files
 
 #: Output suffix per input suffix where the input's format cannot be written back.
-_OUTPUT_SUFFIX = {".dcm": ".nii.gz", "": ".nii.gz", ".jpg": ".png", ".jpeg": ".png"}
-_INTEGER_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def _cast_like(y: Tensor, dtype_name: str) -> Tensor | Any:
-    """``y`` in the file's dtype: floats as float32/64, integers rounded and clipped to range."""
-    import numpy as np
-
-    dtype = np.dtype(dtype_name) if dtype_name else np.dtype(np.float32)
-    array = y.detach().cpu().double().numpy()
-    if dtype.kind == "f":
-        return torch.from_numpy(array.astype(np.float64 if dtype.itemsize == 8 else np.float32))
-    if dtype.kind == "b":
-        return torch.from_numpy(array > 0.5)
-    info = np.iinfo(dtype)
-    return np.clip(np.rint(array), info.min, info.max).astype(dtype)  # numpy: keeps uint16
-
-
-def _file_units(image: Any, model: Any, preset: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
-    """The model-unit tensor of a read image, and the map of outputs back to the file's units."""
-    source = str(image.meta.get("source_dtype", "")) or "float32"
-    suffix = Path(str(image.meta.get("filename_or_obj", ""))).suffix.lower()
-    low, high = model.value_range
-    if preset is not None:
-        x = preset(image)
-        x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-        return x.float(), lambda y: _cast_like(preset.inverse(y), source)
-    tensor = image.as_tensor().float()
-    if suffix in _INTEGER_IMAGE_SUFFIXES and source in ("uint8", "uint16"):
-        peak = 255.0 if source == "uint8" else 65535.0
-
-        def back(y: Tensor) -> Any:
-            return _cast_like((y - low) / (high - low) * peak, source)
-
-        return low + tensor / peak * (high - low), back
-    return tensor, lambda y: _cast_like(y, source)
-
-
-def translate_files(
-    model: Any,
-    source: str | Path,
-    output_dir: str | Path,
-    *,
-    direction: str = "a2b",
-    tile: int | Sequence[int] | str | None = "auto",
-    overlap: float = 0.25,
-    margin: int | Sequence[int] | str = "auto",
-    deterministic: bool = True,
-    batch_tiles: int = 1,
-    input_preset: Any = None,
-    layerwise: bool = False,
-    offload_dir: str | Path | None = None,
-) -> list[Path]:
-    """Translate an image file, or every image file of a folder, with a translation model.
-
-    Each output has its input's size, dtype and geometry: PNG/TIFF keep their bit depth (8-bit in,
-    8-bit out; 16-bit in, 16-bit out), NIfTI keeps its dtype and affine; DICOM input (a file, or
-    for a 3D model a folder of one series) is written as NIfTI with the series' affine, JPEG as
-    PNG. Intensities: integer PNG/TIFF/JPEG values are scaled from the dtype's full range onto
-    the model's ``value_range`` and back; other files are taken in data units (e.g. HU). Give
-    ``input_preset`` (a :mod:`medgen.data.presets` preset or its config, e.g. the training data's
-    ``MRPercentile``) to map file intensities to model units and back with its inverse instead.
-
-    A file that cannot be read or translated (corrupt, wrong dimensionality or channels, NaN) is
-    reported by name and skipped; the others are still translated and written. When any file
-    failed, a :class:`~medgen.data.io.MedgenIOError` listing them is raised at the end.
-
-    Args:
-        model: A :class:`~medgen.models.translation.TranslationModule` (``Pix2Pix``,
-            ``CycleGAN``), e.g. from :func:`medgen.load`.
-        source: An image file, or a folder of them.
-        output_dir: Output folder (created); it may not be the input folder.
-        direction: ``"a2b"`` or, for a CycleGAN, ``"b2a"``.
-        tile: Tile size, ``"auto"`` or ``None`` (see
-            :meth:`~medgen.models.translation.TranslationModule.translate`).
-        overlap: Tile overlap fraction.
-        margin: Voxels discarded at inner tile edges (``"auto"``: half the overlap).
-        deterministic: Eval-mode translation (default); ``False`` for the reference code's
-            stochastic test mode.
-        batch_tiles: Tiles per generator call.
-        input_preset: Optional intensity preset (object or config) applied to inputs, inverted on
-            outputs.
-
-    Returns:
-        The written files, in input order.
-    """
-    from medgen.data.io import MedgenIOError, image_stem, image_suffix, list_images, read, write
-    from medgen.data.presets import get_preset
-    from medgen.utils.files import ensure_writable_dir
-
-    if not hasattr(model, "translate"):
-        raise TypeError(f"{type(model).__name__} is not a translation model (no translate())")
-    source = Path(source)
-    if not source.exists():
-        raise MedgenIOError(f"{source}: no such file or folder")
-    preset = get_preset(input_preset) if input_preset is not None else None
-    if source.is_dir():
-        files = list_images(source)
-        if model.spatial_dims == 3 and all(image_suffix(f) == ".dcm" for f in files):
-            files = [source]  # one DICOM series
-        if Path(output_dir).resolve() == source.resolve():
-            raise MedgenIOError(
-                f"{output_dir}: output folder is the input folder; choose another so that no "
-                "input is overwritten"
-            )
-    else:
-        files = [source]
-    output_dir = ensure_writable_dir(output_dir, "output folder")
-
-    written: list[Path] = []
-    failures: list[str] = []
-    for path in files:
-        try:
-            image = read(path)
-            if image.ndim - 1 != model.spatial_dims:
-                raise MedgenIOError(
-                    f"{path}: {image.ndim - 1}D image {tuple(image.shape)}, but the model "
-                    f"translates {model.spatial_dims}D images"
-                )
-            expected = model.in_channels if direction == "a2b" else model.out_channels
-            if image.shape[0] != expected:
-                raise MedgenIOError(
-                    f"{path}: {image.shape[0]} channel(s), but the model translates images with "
-                    f"{expected} ({direction})"
-                )
-            x, back = _file_units(image, model, preset)
-            if not torch.isfinite(x).all():
-                raise MedgenIOError(f"{path}: image contains NaN/Inf values")
-            y = model.translate(
-                x,
-                direction=direction,
-                tile=tile,
-                overlap=overlap,
-                margin=margin,
-                deterministic=deterministic,
-                batch_tiles=batch_tiles,
-                layerwise=layerwise,
-                offload_dir=offload_dir,
-            )
-            suffix = image_suffix(path) if path.is_file() else ""
-            suffix = _OUTPUT_SUFFIX.get(suffix, suffix)
-            stem = image_stem(path) if path.is_file() else path.name
-            dest = output_dir / f"{stem}{suffix}"
-            if dest.exists() and dest.resolve() == path.resolve():
-                raise MedgenIOError(f"{path}: the output would overwrite the input")
-            affine = image.affine if suffix in (".nii", ".nii.gz") else None
-            written.append(write(back(y), dest, affine=affine))
-            log.info("translated %s -> %s", path, dest)
-        except (MedgenIOError, ValueError, RuntimeError) as exc:
-            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            log.error("could not translate %s", message)
-            failures.append(message)
-    if failures:
-        raise MedgenIOError(
-            f"translated {len(written)} of {len(files)} files into {output_dir}; could not "
-            "translate:\n  " + "\n  ".join(failures)
-        )
-    return written
