@@ -11,15 +11,43 @@ Quick start::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-from medgen.api import compose, evaluate, sample, train, write_samples
 from medgen.pretrained import CheckpointError, load
+from medgen.version import __version__
+
+_RUNS = ("compose", "encode", "evaluate", "sample", "train", "write_samples")
+_SUBPACKAGES = (
+    "api",
+    "callbacks",
+    "data",
+    "diffusion",
+    "inference",
+    "losses",
+    "metrics",
+    "models",
+    "nets",
+    "nn",
+    "runs",
+    "utils",
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The runs and subpackages load on first use, so that ``import medgen`` stays light.
+    if name in _RUNS:
+        return getattr(importlib.import_module("medgen.runs"), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"medgen.{name}")
+    raise AttributeError(f"module 'medgen' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",
     "__version__",
     "compose",
+    "encode",
     "evaluate",
     "load",
     "sample",

@@ -14,21 +14,21 @@ CONFIG_PATH = "pkg://medgen.configs"
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _train(cfg: DictConfig) -> None:
-    from medgen.api import train
+    from medgen.runs import train
 
     train(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def _sample(cfg: DictConfig) -> None:
-    from medgen.api import sample
+    from medgen.runs import sample
 
     sample(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def _eval(cfg: DictConfig) -> None:
-    from medgen.api import evaluate
+    from medgen.runs import evaluate
 
     evaluate(cfg)
 
@@ -50,7 +50,7 @@ def eval_main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode")
 def _encode(cfg: DictConfig) -> None:
-    from medgen.api import encode
+    from medgen.runs import encode
 
     encode(cfg)
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from medgen.utils.files import atomic_path, write_json
 from medgen.utils.instantiate import check_targets
-from medgen.utils.targets import UnsafeTargetError, public_name, resolve_target
+from medgen.utils.targets import UnsafeTargetError, canonical_name, public_name, resolve_target
 
 FORMAT = "medgen-pretrained/1"
 CONFIG_NAME = "config.json"
@@ -41,7 +41,7 @@ class CheckpointError(ValueError):
 
 
 def _version() -> str:
-    from medgen import __version__
+    from medgen.version import __version__
 
     return __version__
 
@@ -55,13 +55,15 @@ def resolve_model_class(target: Any, source: str | os.PathLike) -> type:
     Raises:
         CheckpointError: naming ``source`` when the target is not an allowed model class.
     """
-    from medgen.models.base import GenerativeModule
-
     try:
-        cls = resolve_target(target)
+        name = canonical_name(target)
     except UnsafeTargetError as err:
         raise CheckpointError(f"'{source}': {err}") from None
-    if not (isinstance(cls, type) and issubclass(cls, GenerativeModule)):
+    cls = resolve_target(name)
+    # Model families are the list's medgen.models.* classes (or a class registered by trusted
+    # code that exports like one).
+    is_model = name.startswith("medgen.models.") or hasattr(cls, "save_pretrained")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and is_model):
         raise CheckpointError(f"'{source}': _target_={target!r} is not a medgen model family")
     return cls
 

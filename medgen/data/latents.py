@@ -46,6 +46,53 @@ LATENTS_FORMAT = "medgen-latents/1"
 LATENTS_INDEX = "latents.json"
 
 
+class LatentStatistics:
+    """Mean, standard deviation and scale factor of latents, accumulated one tensor at a time.
+
+    The one place the latent scale of latent diffusion is computed (Rombach et al., CVPR 2022,
+    Sec. 4.3.2: ``scale_factor = 1 / std`` over every element of the training latents), used by
+    ``medgen-encode`` (streaming over a dataset) and
+    :func:`medgen.models.autoencoder.latent_scale_factor`. Sums are float64.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.total_sq = 0.0
+        self.count = 0
+        self.items = 0
+
+    def add(self, z: torch.Tensor) -> None:
+        """Add every element of ``z``."""
+        z = z.detach().double()
+        self.total += float(z.sum())
+        self.total_sq += float(z.square().sum())
+        self.count += z.numel()
+        self.items += 1
+
+    @property
+    def mean(self) -> float:
+        """Mean of the elements added."""
+        if self.count < 1:
+            raise ValueError("no latent values were added")
+        return self.total / self.count
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (``count - 1`` in the denominator)."""
+        if self.count < 2:
+            raise ValueError("the latent scale needs at least two latent values")
+        mean = self.mean
+        var = (self.total_sq - self.count * mean * mean) / (self.count - 1)
+        if not var > 0:
+            raise ValueError("the latents have zero variance; is the autoencoder trained?")
+        return var**0.5
+
+    @property
+    def scale_factor(self) -> float:
+        """``1 / std``."""
+        return 1.0 / self.std
+
+
 def latent_affine(affine: torch.Tensor | np.ndarray, factor: int) -> list[list[float]]:
     """Affine of the latent grid of an image with ``affine`` (4x4) and downsampling ``factor``.
 

@@ -38,6 +38,7 @@ from medgen.losses.adversarial import AdversarialObjective, resolve_adv_loss
 from medgen.losses.perceptual import LayerSpec, VGGFeatures, gram_matrix
 from medgen.metrics.pairwise import ssim
 from medgen.models.adversarial import DEFAULT_GAN_OPTIMIZER, build_net, zero_step_counter
+from medgen.models.base import SAMPLE, WRITE_DATASET
 from medgen.models.gan import DEFAULT_DISCRIMINATOR, DEFAULT_GENERATOR, GAN, LatentGANModule
 
 __all__ = [
@@ -533,6 +534,7 @@ class AGGrGAN(LatentGANModule):
     """
 
     export_modules = ("generators",)
+    capabilities = frozenset({SAMPLE, WRITE_DATASET})
 
     def __init__(
         self,

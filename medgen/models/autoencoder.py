@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medgen.data.latents import LatentStatistics
 from medgen.inference import Tiling
 from medgen.losses.adversarial import AdversarialObjective, resolve_adv_loss
 from medgen.losses.perceptual import PerceptualLoss
 from medgen.metrics import PairwiseMetrics
 from medgen.models.adversarial import AdversarialModule, build_net, zero_step_counter
-from medgen.models.base import seeded_generator
+from medgen.models.base import ENCODE, SAMPLE, seeded_generator
 from medgen.nets.vae import VAENet
 from medgen.nets.vqgan import VQGANNet
 from medgen.nn import DiagonalGaussian
@@ -59,7 +60,7 @@ def latent_scale_factor(latents: Iterable[Tensor]) -> float:
 
     Latent diffusion multiplies the first stage's latents by this factor so that they have unit
     variance, like the diffusion prior. Computed in float64 over every element given (a
-    dataset's latents, or a subset of them).
+    dataset's latents, or a subset of them) by :class:`medgen.data.latents.LatentStatistics`.
 
     Args:
         latents: Tensors of any shape, e.g. ``(B, C, *spatial)`` batches.
@@ -67,19 +68,10 @@ def latent_scale_factor(latents: Iterable[Tensor]) -> float:
     Returns:
         The factor; raises ``ValueError`` for no elements or a zero standard deviation.
     """
-    total, total_sq, count = 0.0, 0.0, 0
+    stats = LatentStatistics()
     for z in latents:
-        z = z.detach().double()
-        total += float(z.sum())
-        total_sq += float(z.square().sum())
-        count += z.numel()
-    if count < 2:
-        raise ValueError("latent_scale_factor needs at least two latent values")
-    mean = total / count
-    var = (total_sq - count * mean * mean) / (count - 1)
-    if not var > 0:
-        raise ValueError("the latents have zero variance; is the autoencoder trained?")
-    return float(var**-0.5)
+        stats.add(z)
+    return stats.scale_factor
 
 
 class LatentAutoencoder(AdversarialModule):
@@ -101,6 +93,9 @@ class LatentAutoencoder(AdversarialModule):
     """
 
     export_modules = ("net",)
+    capabilities = frozenset({SAMPLE, ENCODE})
+    #: What :meth:`encode` returns: ``"posterior_mean"`` (KL) or ``"codebook"`` (VQ) vectors.
+    latent_kind: str = "posterior_mean"
     generator_step_buffer = "ae_steps"  # EMA and adv_start_step count autoencoder steps
     net: nn.Module
 
@@ -642,6 +637,8 @@ class VQGAN(LatentAutoencoder):
         optimizer, optimizer_d, scheduler, image_key, value_range, spacing, num_log_images,
         sample_size: As for :class:`AutoencoderKL`.
     """
+
+    latent_kind = "codebook"
 
     def __init__(
         self,

@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
+#: What a model family can do; the run layer (:mod:`medgen.runs`) asks :meth:`GenerativeModule.
+#: supports` instead of probing attributes.
+SAMPLE = "sample"  #: ``sample(n, seed=, batch_size=)``: unconditional samples in data units
+SAMPLER_OPTIONS = "sampler_options"  #: ``sample`` takes ``steps``, ``sampler``, ``guidance``
+TRANSLATE = "translate"  #: ``translate(x, direction, tiling)``; ``in/out_channels``
+ENCODE = "encode"  #: ``encode``/``decode`` to and from latents; ``downsample_factor``
+WRITE_DATASET = "write_dataset"  #: ``write_dataset(folder, n, seed, reference=, batch_size=)``
+CAPABILITIES = (SAMPLE, SAMPLER_OPTIONS, TRANSLATE, ENCODE, WRITE_DATASET)
+
 
 class GenerativeModule(L.LightningModule):
     """Base class of every medgen model family.
@@ -45,6 +54,20 @@ class GenerativeModule(L.LightningModule):
 
     #: Submodules saved by :meth:`save_pretrained`.
     export_modules: tuple[str, ...] = ()
+    #: What the family can do (names from :data:`CAPABILITIES`); see :meth:`supports`.
+    capabilities: frozenset[str] = frozenset({SAMPLE})
+
+    def supports(self, capability: str) -> bool:
+        """Whether this model can do ``capability`` (one of :data:`CAPABILITIES`).
+
+        Unconditional sampling also needs the model to be unconditional (a class-conditional
+        diffusion model declares ``sample`` but needs its conditions).
+        """
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}; known: {CAPABILITIES}")
+        if capability == SAMPLE and not getattr(self, "unconditional", True):
+            return False
+        return capability in self.capabilities
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from medgen.models.adversarial import (
     build_net,
     zero_step_counter,
 )
+from medgen.models.base import TRANSLATE
 from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
 from medgen.utils.image_pool import ImagePool
 
@@ -117,6 +118,7 @@ class TranslationModule(AdversarialModule):
 
     #: Translation models map an input to an output; they draw no unconditional samples.
     unconditional = False
+    capabilities = frozenset({TRANSLATE})
     #: A plateau learning-rate policy follows the validation MAE unless told otherwise.
     plateau_monitor = "val/mae"
 

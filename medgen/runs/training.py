@@ -1,0 +1,120 @@
+"""``medgen-train``: train, checkpoint, export and sample one model from a composed config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from medgen.models.base import SAMPLE
+from medgen.pretrained import load, load_checkpoint_file
+from medgen.runs.composition import register_resolvers
+from medgen.runs.sampling import write_samples
+from medgen.utils.files import ensure_writable_dir, write_json
+from medgen.utils.instantiate import instantiate, to_plain
+
+log = logging.getLogger("medgen")
+
+__all__ = ["train"]
+
+
+def _build_list(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [
+        instantiate(to_plain(conf), _convert_="all")
+        for conf in node.values()
+        if isinstance(conf, (dict, DictConfig)) and "_target_" in conf
+    ]
+
+
+def _resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
+    if resume in (None, "", "null"):
+        return None
+    path = checkpoint_dir / "last.ckpt" if resume == "last" else Path(resume)
+    load_checkpoint_file(path)  # a clear error for a missing or corrupt file, before training
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the model described by ``cfg`` (a composed ``train`` config).
+
+    Writes under ``cfg.paths.output_dir``: ``checkpoints/last.ckpt`` (and the best checkpoint),
+    ``metrics.json`` (final validation metrics), ``model/`` (exported model, EMA weights when an
+    EMA callback ran) and ``samples/`` (validation images and ``cfg.num_samples`` samples).
+
+    Returns:
+        ``{"metrics": {...}, "output_dir", "checkpoint", "model_dir", "samples": [...]}``.
+    """
+    import lightning as L
+
+    from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
+
+    register_resolvers()
+    output_dir = ensure_writable_dir(cfg.paths.output_dir)
+    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
+    ckpt_path = _resolve_resume(cfg.get("resume"), checkpoint_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all")
+    callbacks = _build_list(cfg.get("callbacks"))
+    loggers = _build_list(cfg.get("logger"))
+    trainer_cfg = to_plain(cfg.trainer)
+    trainer_cfg.setdefault("plugins", [])
+    trainer_cfg["plugins"] = [*trainer_cfg["plugins"], AtomicCheckpointIO()]
+    trainer = instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, _convert_="all"
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    result: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "checkpoint": str(checkpoint_dir / "last.ckpt"),
+    }
+    if not trainer.is_global_zero:
+        return result
+    metrics = {
+        k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")
+    }
+    write_json(metrics, output_dir / "metrics.json")
+    result["metrics"] = metrics
+    if cfg.get("export", True):
+        model_dir = Path(cfg.paths.model_dir)
+        _export(model, trainer, callbacks, checkpoint_dir / "last.ckpt", model_dir)
+        result["model_dir"] = str(model_dir)
+        if cfg.get("num_samples", 0) > 0 and model.supports(SAMPLE):
+            exported = load(model_dir)
+            result["samples"] = [
+                str(p)
+                for p in write_samples(
+                    exported,
+                    Path(cfg.paths.sample_dir),
+                    cfg.num_samples,
+                    cfg.sample_seed,
+                    units=str(cfg.get("output_units", "model")),
+                )
+            ]
+    log.info("medgen: outputs in %s", output_dir)
+    return result
+
+
+def _export(model, trainer, callbacks: list[Any], last_ckpt: Path, model_dir: Path) -> None:
+    """Export the trained model (EMA weights when an EMA callback ran) to ``model_dir``."""
+    from medgen.callbacks import EMA
+
+    spawned = getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver")
+    if spawned and last_ckpt.is_file():
+        # Under ddp_spawn the callbacks of this process never saw training: the checkpoint
+        # written by rank 0 holds the trained weights and the EMA shadow.
+        load(last_ckpt).save_pretrained(model_dir)
+        return
+    ema = next((c for c in callbacks if isinstance(c, EMA)), None)
+    model = model.cpu()
+    if ema is not None:
+        with ema.swapped(model):
+            model.save_pretrained(model_dir)
+    else:
+        model.save_pretrained(model_dir)
