@@ -1,8 +1,11 @@
 """Diffusion models (2D/3D) in pixel or latent space as a LightningModule.
 
-The method lives in :mod:`medgen.diffusion` (schedule, objective, sampler, guidance) and the
-network in :class:`medgen.nets.DiffusionUNet`; this module owns the training loop, the units, the
-conditioning and the latent-space plumbing.
+The method lives in :mod:`medgen.diffusion` and the network in :class:`medgen.nets.DiffusionUNet`:
+a :class:`~medgen.diffusion.DiffusionProcess` (variance-preserving diffusion or rectified flow:
+noising, objective, the function samplers call, defaults) and samplers found by name in the open
+registry (:func:`~medgen.diffusion.get_sampler`), checked by their capability flags. This module
+owns the training loop, the units, the conditioning and guidance, and the latent-space plumbing;
+it never asks which process it holds.
 
 - Pixel space: images are mapped from ``value_range`` to ``[-1, 1]``.
 - Latent space (Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models",
@@ -32,16 +35,21 @@ from torch import Tensor, nn
 from medgen import pretrained
 from medgen.data.io import affine_from_axcodes, axcodes_from_affine
 from medgen.diffusion import (
+    PROCESS_PREDICTIONS,
     DiffusionObjective,
+    DiffusionProcess,
     NoiseSchedule,
     RectifiedFlowObjective,
+    Sampler,
     condition_dropout_mask,
-    eps_from_x0,
     get_sampler,
     guided,
+    list_samplers,
+    make_process,
+    repaint_hook,
 )
 from medgen.metrics.fidelity import RandomConvFeatures, mmd_rbf
-from medgen.models.base import GenerativeModule, seeded_generator
+from medgen.models.base import SAMPLE, SAMPLER_OPTIONS, GenerativeModule, seeded_generator
 from medgen.utils.instantiate import instantiate
 from medgen.utils.targets import public_name
 
@@ -52,7 +60,7 @@ __all__ = ["Diffusion"]
 DEFAULT_DIFFUSION_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.AdamW", "lr": 1e-4}
 DEFAULT_NET: dict[str, Any] = {"_target_": "medgen.nets.DiffusionUNet"}
 #: Prediction types; ``flow`` is rectified flow (velocity, continuous time).
-MODEL_PREDICTIONS = ("epsilon", "v", "x0", "flow")
+MODEL_PREDICTIONS = PROCESS_PREDICTIONS
 
 _MISSING_AUTOENCODER = (
     "latent diffusion needs a trained autoencoder: pass model.autoencoder=PATH (a .ckpt or an "
@@ -118,7 +126,9 @@ class Diffusion(GenerativeModule):
         min_snr_gamma: Min-SNR-gamma loss weighting (``None``: off; not for ``flow``).
         flow: Rectified-flow settings: ``time_sampling`` (``uniform`` / ``logit_normal``),
             ``logit_mean``, ``logit_std``, ``shift``.
-        sampler: Default sampler of :meth:`sample`: ``{"name": ..., "steps": ..., "eta": ...}``.
+        sampler: Default sampler of :meth:`sample`: ``{"name": ..., "steps": ..., "eta": ...}``
+            (default: the process's, ``ddim`` or ``euler``, 50 steps); any registered sampler
+            of the process's family (:func:`~medgen.diffusion.list_samplers`).
         val_sampler: Sampler of validation samples (keep it cheap).
         guidance_scale: Default classifier-free guidance scale of :meth:`sample`.
         clip_sample: Clamp predicted clean images to ``[-1, 1]`` while sampling (default: on in
@@ -158,6 +168,7 @@ class Diffusion(GenerativeModule):
     """
 
     export_modules = ("net",)
+    capabilities = frozenset({SAMPLE, SAMPLER_OPTIONS})
 
     def __init__(
         self,
@@ -203,28 +214,30 @@ class Diffusion(GenerativeModule):
             affine_from_axcodes((1.0, 1.0, 1.0), orientation)  # validates the codes
             orientation = orientation.upper()
         self.orientation = orientation
-        if prediction not in MODEL_PREDICTIONS:
-            raise ValueError(
-                f"prediction must be one of {', '.join(MODEL_PREDICTIONS)}, got {prediction!r}"
-            )
         self.prediction = prediction
-        self.is_flow = prediction == "flow"
-        schedule = dict(schedule or {})
-        self.schedule = NoiseSchedule(**schedule)
-        self.num_train_timesteps = self.schedule.num_train_timesteps
-        if self.is_flow:
-            if min_snr_gamma is not None:
-                raise ValueError("min_snr_gamma applies to epsilon/v/x0 prediction, not to flow")
-            self.objective: DiffusionObjective | RectifiedFlowObjective = RectifiedFlowObjective(
-                loss=loss, time_scale=float(self.num_train_timesteps), **dict(flow or {})
-            )
-        else:
-            self.objective = DiffusionObjective(prediction, loss, min_snr_gamma)
-        default_name = "euler" if self.is_flow else "ddim"
-        self.sampler_config = {"name": default_name, "steps": 50, **dict(sampler or {})}
-        self.val_sampler_config = {"name": default_name, "steps": 20, **dict(val_sampler or {})}
+        self.process: DiffusionProcess = make_process(
+            prediction, schedule, loss, min_snr_gamma, flow
+        )
+        self.num_train_timesteps = self.process.num_train_timesteps
+        process = self.process
+        self.sampler_config = {
+            "name": process.default_sampler,
+            "steps": process.default_steps,
+            **dict(sampler or {}),
+        }
+        self.val_sampler_config = {
+            "name": process.default_sampler,
+            "steps": process.default_val_steps,
+            **dict(val_sampler or {}),
+        }
         for config in (self.sampler_config, self.val_sampler_config):
-            self._check_family(get_sampler(config["name"]))
+            spec = self._check_sampler(get_sampler(config["name"]))
+            if not spec.supports_eta and config.get("eta"):
+                log.warning(
+                    "sampler %r takes no eta; eta=%s in its config is ignored",
+                    spec.name,
+                    config["eta"],
+                )
         self.guidance_scale = float(guidance_scale)
 
         # Conditioning.
@@ -275,7 +288,7 @@ class Diffusion(GenerativeModule):
             raise ValueError("pre_encoded needs a latent model (autoencoder or latent_channels)")
         self.net_channels = net_channels
         if clip_sample is None:
-            clip_sample = not self.is_latent and not self.is_flow
+            clip_sample = process.clips_by_default and not self.is_latent
         self.clip_sample = bool(clip_sample)
 
         # The net.
@@ -419,15 +432,33 @@ class Diffusion(GenerativeModule):
         z = (z / self.latent_scale).to(self.dtype)
         return autoencoder.decode(z, **self.decode_kwargs).float()
 
-    # ----------------------------------------------------------------- conditioning
-    def _check_family(self, sampler) -> None:
-        family = "flow" if self.is_flow else "vp"
-        if sampler.family != family:
-            kind = "a rectified-flow" if self.is_flow else f"a {self.prediction}-prediction"
-            allowed = "euler, heun" if self.is_flow else "ddpm, ddim, dpmpp_2m"
+    # ----------------------------------------------------------------- the process
+    @property
+    def is_flow(self) -> bool:
+        """Whether the model is a rectified flow (read-only; the process decides everything)."""
+        return self.process.family == "flow"
+
+    @property
+    def objective(self) -> DiffusionObjective | RectifiedFlowObjective:
+        """The process's training objective."""
+        return self.process.objective
+
+    @property
+    def schedule(self) -> NoiseSchedule | None:
+        """The noise schedule of a variance-preserving model (``None`` for a flow)."""
+        return getattr(self.process, "schedule", None)
+
+    def _check_sampler(self, sampler: Sampler) -> Sampler:
+        """``sampler`` if its family fits the process, else a ValueError naming those that do."""
+        if not self.process.accepts(sampler):
+            allowed = ", ".join(list_samplers(family=self.process.family))
             raise ValueError(
-                f"sampler {sampler.name!r} does not fit {kind} model; use one of {allowed}"
+                f"sampler {sampler.name!r} (family {sampler.family!r}) does not fit "
+                f"{self.process.description}; use one of {allowed}"
             )
+        return sampler
+
+    # ----------------------------------------------------------------- conditioning
 
     @property
     def unconditional(self) -> bool:
@@ -575,23 +606,7 @@ class Diffusion(GenerativeModule):
         With a CPU ``generator`` the noise and times are drawn from it (validation), else from the
         global RNG on the data's device.
         """
-        b = z.shape[0]
-        if generator is None:
-            noise = torch.randn_like(z)
-        else:
-            noise = torch.randn(z.shape, generator=generator).to(z)
-        if self.is_flow:
-            t = self.objective.sample_time(b, generator=generator).to(z.device)
-            x_t = self.objective.interpolate(z, noise, t)
-            pred = self.net_forward(x_t, self.objective.net_time(t), cond)
-            return self.objective(pred, z, noise)
-        if generator is None:
-            t = self.schedule.sample_timesteps(b, z.device)
-        else:
-            t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator).to(z.device)
-        x_t = self.schedule.add_noise(z, noise, t)
-        pred = self.net_forward(x_t, t, cond)
-        return self.objective(pred, z, noise, t, self.schedule)
+        return self.process.loss(lambda x_t, t: self.net_forward(x_t, t, cond), z, generator)
 
     def batch_to_net(self, x: Tensor) -> Tensor:
         """A batch's images (or, with ``pre_encoded``, its scaled latents) in the net's space."""
@@ -723,9 +738,11 @@ class Diffusion(GenerativeModule):
 
         Args:
             num_samples: Number of samples ``N``.
-            steps: Sampling steps (default: the model's ``sampler.steps``; ``ddpm``: all ``T``).
-            sampler: ``ddpm``, ``ddim``, ``dpmpp_2m`` (noise-prediction models) or ``euler``,
-                ``heun`` (flow models); default: the model's ``sampler.name``.
+            steps: Sampling steps (default: the model's ``sampler.steps`` for its own sampler,
+                else the sampler's ``default_steps``; ``ddpm``: all ``T``).
+            sampler: A registered sampler of the model's family (built in: ``ddpm``, ``ddim``,
+                ``dpmpp_2m`` for noise-prediction models, ``euler``, ``heun`` for flow models;
+                :func:`~medgen.diffusion.list_samplers`); default: the model's ``sampler.name``.
             guidance: Classifier-free guidance scale (default: the model's ``guidance_scale``).
             seed: Random seed (``None``: random).
             batch_size: Samples per net call.
@@ -736,8 +753,10 @@ class Diffusion(GenerativeModule):
             mask: Inpainting: ``(N or 1, 1, *spatial)``, 1 where to generate, 0 where ``known``
                 is kept. Known voxels are replaced by ``known`` noised to the current time after
                 every step (RePaint); the output equals ``known`` exactly there.
-            resample: RePaint resampling count per step (``ddpm`` / ``ddim`` only).
-            eta: DDIM stochasticity (default: the model's ``sampler.eta`` or 0).
+            resample: RePaint resampling count per step (samplers that support it: ``ddpm``,
+                ``ddim``).
+            eta: Stochasticity of samplers that take it (``ddim``; default: the model's
+                ``sampler.eta`` or 0); other samplers refuse a nonzero ``eta``.
             sample_size: Spatial size of the net's input (default: the training size; latent size
                 in latent mode; taken from ``known`` when given).
             return_latents: Latent mode: return the latents instead of decoded images.
@@ -749,12 +768,27 @@ class Diffusion(GenerativeModule):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         config = dict(self.sampler_config)
         name = sampler or config.get("name")
-        spec = get_sampler(name)
-        self._check_family(spec)
+        spec = self._check_sampler(get_sampler(name))
         if steps is None and spec.name == get_sampler(config["name"]).name:
             steps = config.get("steps")
         if steps is None:
-            steps = self.num_train_timesteps if spec.name == "ddpm" else 50
+            steps = self.process.default_sampler_steps(spec)
+        options: dict[str, Any] = {}
+        if spec.supports_eta:
+            options["eta"] = float(eta if eta is not None else config.get("eta", 0.0) or 0.0)
+        elif eta:
+            raise ValueError(
+                f"sampler {spec.name!r} takes no eta; samplers with eta: "
+                f"{', '.join(list_samplers(self.process.family, supports_eta=True)) or 'none'}"
+            )
+        if resample != 1:
+            if not spec.supports_resample:
+                names = list_samplers(self.process.family, supports_resample=True)
+                raise ValueError(
+                    f"resample (RePaint) works with the {', '.join(names) or 'no'} samplers, "
+                    f"not {spec.name!r}"
+                )
+            options["resample"] = int(resample)
         scale = self.guidance_scale if guidance is None else float(guidance)
         if scale != 1.0 and not self.has_droppable_conditions:
             raise ValueError("guidance needs a class- or scalar-conditional model")
@@ -796,15 +830,6 @@ class Diffusion(GenerativeModule):
             raise ValueError(f"known image gives size {tuple(known_net.shape[2:])}, not {size}")
 
         noise = torch.randn((num_samples, self.net_channels, *size), generator=generator)
-        kwargs: dict[str, Any] = {"steps": steps, "generator": generator}
-        if spec.name == "ddim":
-            kwargs["eta"] = float(eta if eta is not None else config.get("eta", 0.0) or 0.0)
-        if resample != 1:
-            if spec.name not in ("ddpm", "ddim"):
-                raise ValueError("resample (RePaint) works with the ddpm and ddim samplers")
-            kwargs["resample"] = int(resample)
-        if self.is_flow:
-            kwargs["shift"] = float(self.objective.shift)
 
         was_training = self.training
         self.eval()
@@ -816,14 +841,16 @@ class Diffusion(GenerativeModule):
                 c = {k: v[sl].to(self.device) for k, v in cond.items()}
                 hook = None
                 if known_net is not None:
-                    hook = self._inpaint_hook(
-                        known_net[sl].to(self.device), mask_net[sl].to(self.device), generator
+                    hook = repaint_hook(
+                        self.process,
+                        known_net[sl].to(self.device),
+                        mask_net[sl].to(self.device),
+                        generator,
                     )
-                model_fn = self._velocity(c, scale) if self.is_flow else self._denoiser(c, scale)
-                if self.is_flow:
-                    z = spec.fn(model_fn, x, hook=hook, **kwargs)
-                else:
-                    z = spec.fn(model_fn, self.schedule, x, hook=hook, **kwargs)
+                model_fn = self.process.model_function(self._guided_net(c, scale), self.clip_sample)
+                z = self.process.run_sampler(
+                    spec, model_fn, x, steps=steps, generator=generator, hook=hook, **options
+                )
                 if return_latents and self.is_latent:
                     outputs.append(z.float().cpu())
                     continue
@@ -838,46 +865,15 @@ class Diffusion(GenerativeModule):
             self.train(was_training)
         return torch.cat(outputs)
 
-    def _denoiser(
+    def _guided_net(
         self, cond: Mapping[str, Tensor], scale: float
-    ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
-        def denoise(x: Tensor, t: int) -> tuple[Tensor, Tensor]:
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            pred = self.guided_forward(x.to(self.dtype), tt, cond, scale).float()
-            alpha_bar = self.schedule.alpha_bar(t).to(x.device, torch.float32)
-            x0, eps = self.objective.to_x0_eps(pred, x, alpha_bar)
-            if self.clip_sample:
-                x0 = x0.clamp(-1.0, 1.0)
-                eps = eps_from_x0(x, x0, alpha_bar)
-            return x0, eps
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """``net_fn(x_t, net_t)`` for the process: the guided net output, in float32."""
 
-        return denoise
+        def net_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.guided_forward(x.to(self.dtype), t, cond, scale).float()
 
-    def _velocity(
-        self, cond: Mapping[str, Tensor], scale: float
-    ) -> Callable[[Tensor, float], Tensor]:
-        def velocity(x: Tensor, t: float) -> Tensor:
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-            net_t = self.objective.net_time(tt)
-            return self.guided_forward(x.to(self.dtype), net_t, cond, scale).float()
-
-        return velocity
-
-    def _inpaint_hook(
-        self, known: Tensor, mask: Tensor, generator: torch.Generator
-    ) -> Callable[[Tensor, float], Tensor]:
-        """RePaint's replacement: keep ``known`` (noised to the time reached) where ``mask`` is 0."""
-
-        def hook(x: Tensor, t_next: float) -> Tensor:
-            noise = torch.randn(x.shape, generator=generator).to(x)
-            if self.is_flow:
-                noised = (1.0 - t_next) * known + t_next * noise
-            else:
-                a = float(self.schedule.alpha_bar(int(t_next)))
-                noised = math.sqrt(a) * known + math.sqrt(1.0 - a) * noise
-            return mask * x + (1.0 - mask) * noised
-
-        return hook
+        return net_fn
 
     # ----------------------------------------------------------------- export
     def export_init_args(self) -> dict[str, Any]:
