@@ -49,6 +49,7 @@ __all__ = [
     "ms_ssim_betas",
     "pearson_r",
     "psnr",
+    "reduce_batch",
     "ssim",
 ]
 
@@ -79,12 +80,27 @@ def _prepare(pred: Tensor, target: Tensor, data_range: float) -> tuple[Tensor, T
     return pred.to(dtype), target.to(dtype)
 
 
-def _reduce(values: Tensor, reduction: str) -> Tensor:
+def reduce_batch(values: Tensor, reduction: str) -> Tensor:
+    """Reduce per-image values ``(B,)`` over the batch as ``reduction`` says.
+
+    Args:
+        values: One value per image, ``(B,)``.
+        reduction: ``"mean"`` (the batch mean, a scalar) or ``"none"`` (``values`` unchanged).
+
+    Returns:
+        A scalar or ``values``.
+
+    Raises:
+        ValueError: An unknown ``reduction``.
+    """
     if reduction == "mean":
         return values.mean()
     if reduction == "none":
         return values
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+_reduce = reduce_batch  # the old private name
 
 
 def psnr(pred: Tensor, target: Tensor, *, data_range: float, reduction: str = "mean") -> Tensor:
@@ -110,7 +126,7 @@ def psnr(pred: Tensor, target: Tensor, *, data_range: float, reduction: str = "m
         dim=tuple(range(1, pred.ndim)),
         reduction="none",
     )
-    return _reduce(per_image, reduction)
+    return reduce_batch(per_image, reduction)
 
 
 @functools.lru_cache(maxsize=32)
@@ -246,7 +262,7 @@ def ssim(
         k2,
         sample_covariance=bool(sample_covariance),
     )
-    return _reduce(values, reduction)
+    return reduce_batch(values, reduction)
 
 
 def _num_scales(spatial_shape: Sequence[int], kernel_size: int, max_scales: int) -> int:
@@ -367,7 +383,7 @@ def ms_ssim(
             terms.append(torch.relu(sim))
     exponents = torch.tensor(used, dtype=pred.dtype, device=pred.device)
     values = torch.prod(torch.stack(terms, dim=0) ** exponents[:, None], dim=0)
-    return _reduce(values, reduction)
+    return reduce_batch(values, reduction)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -402,7 +418,7 @@ def mae(pred: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
     """
     _check_pair(pred, target)
     diff = _wide(pred) - _wide(target)
-    return _reduce(diff.abs().flatten(1).mean(1), reduction)
+    return reduce_batch(diff.abs().flatten(1).mean(1), reduction)
 
 
 def pearson_r(pred: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -427,7 +443,7 @@ def pearson_r(pred: Tensor, target: Tensor, *, reduction: str = "mean") -> Tenso
     x = x - x.mean(-1, keepdim=True)
     y = y - y.mean(-1, keepdim=True)
     r = (x * y).sum(-1) / torch.sqrt((x * x).sum(-1) * (y * y).sum(-1))
-    return _reduce(r.clamp(-1.0, 1.0).mean(1), reduction)
+    return reduce_batch(r.clamp(-1.0, 1.0).mean(1), reduction)
 
 
 class _PerImageMean(Metric):

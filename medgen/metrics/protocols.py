@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from medgen.metrics.pairwise import _reduce, mae, ms_ssim, pearson_r, psnr, ssim
+from medgen.metrics.pairwise import mae, ms_ssim, pearson_r, psnr, reduce_batch, ssim
 
 __all__ = [
     "BCI_DESCRIPTION",
@@ -114,7 +114,7 @@ def bci_metrics(
     mse = (fake8 - real8).square().flatten(1).mean(1)
     per_image_psnr = 10.0 * torch.log10(255.0**2 / mse)
     return {
-        "psnr": _reduce(per_image_psnr, reduction),
+        "psnr": reduce_batch(per_image_psnr, reduction),
         "ssim": ssim(
             fake8,
             real8,

@@ -23,23 +23,9 @@ from medgen.nn.embeddings import timestep_embedding
 from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
 from medgen.nn.fused import norm_act
 from medgen.nn.sampling import Downsample, Upsample
+from medgen.utils.sequences import per_axis
 
 __all__ = ["DiffusionUNet"]
-
-
-def _per_level(value: int | Sequence[int], n: int, name: str) -> list[int]:
-    """Expand an int to ``n`` entries or check that a sequence has ``n`` entries."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or a sequence of ints, got {value!r}.")
-    if isinstance(value, int):
-        return [value] * n
-    values = [int(v) for v in value]
-    if len(values) != n:
-        raise ValueError(
-            f"{name} has {len(values)} entries but channels has {n} levels; give one int or one "
-            f"per level."
-        )
-    return values
 
 
 class _UNetBlock(nn.Module):
@@ -189,10 +175,10 @@ class DiffusionUNet(nn.Module):
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries but channels has {n} levels."
             )
-        blocks = _per_level(num_res_blocks, n, "num_res_blocks")
+        blocks = per_axis(num_res_blocks, n, "num_res_blocks (one per level of channels)")
         if any(b < 1 for b in blocks):
             raise ValueError(f"num_res_blocks must be >= 1 at every level, got {num_res_blocks}.")
-        heads = _per_level(num_head_channels, n, "num_head_channels")
+        heads = per_axis(num_head_channels, n, "num_head_channels (one per level of channels)")
         for i in range(n):
             # The middle block always has attention, at the width of the last level.
             if (attention_levels[i] or i == n - 1) and (

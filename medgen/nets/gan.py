@@ -38,25 +38,24 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.utils.checkpoint import checkpoint
 
-from medgen.nets.translation import (
-    _apply_layers,
-    _BufferSnapshot,
-    _checkpoint_stage,
-    _norm,
-    _RestoreRunningStats,
-    _StagedCheckpointMixin,
-    _stages_from_starts,
-    _tracked_stat_buffers,
-    init_weights,
+from medgen.nets.translation import init_weights
+from medgen.nn.checkpointing import (
+    BufferSnapshot,
+    RestoreRunningStats,
+    StagedCheckpointMixin,
+    apply_layers,
+    checkpoint_stage,
+    stages_from_starts,
+    tracked_stat_buffers,
 )
 from medgen.nn.factories import (
     NormSpec,
-    _split_spec,
     check_spatial_dims,
     conv_nd,
     conv_transpose_nd,
     get_act_layer,
     get_norm_layer,
+    split_spec,
 )
 
 __all__ = ["DCGANDiscriminator", "DCGANGenerator", "WGANCritic"]
@@ -103,7 +102,7 @@ def _image_sizes(
 
 def _critic_norm(norm: NormSpec) -> NormSpec:
     """Validate a critic norm; ``"instance"`` is affine (the factory's default)."""
-    name, _ = _split_spec(norm, "norm")
+    name, _ = split_spec(norm, "norm")
     key = "none" if name is None else str(name).lower().replace("_", "").replace("norm", "")
     key = key or "none"
     if key == "batch":
@@ -134,18 +133,19 @@ def _parametrization_buffers(modules: Sequence[nn.Module]) -> list[Tensor]:
     return buffers
 
 
-class _SnapshotBuffers(_BufferSnapshot):
+class _SnapshotBuffers(BufferSnapshot):
     """Forward context of a checkpointed stage: remembers ``buffers`` as they were before it."""
 
 
-class _ReplayFromSnapshot(_RestoreRunningStats):
+class _ReplayFromSnapshot(RestoreRunningStats):
     """Recompute context: runs the stage from the pre-forward parametrization state.
 
     Spectral norm in training advances its power iteration (``u``, ``v``) on every weight access,
     so a recomputation would see a different ``sigma`` than the original forward. On entry, every
-    tracked buffer is saved (as by :class:`_RestoreRunningStats`) and the parametrization buffers
-    are set back to their snapshot from before the original forward; on exit all buffers are
-    restored, so they end as after the original forward and the recomputed weights are identical.
+    tracked buffer is saved (as by :class:`~medgen.nn.checkpointing.RestoreRunningStats`) and the
+    parametrization buffers are set back to their snapshot from before the original forward; on
+    exit all buffers are restored, so they end as after the original forward and the recomputed
+    weights are identical.
     """
 
     def __init__(self, buffers: list[Tensor], snapshot: _SnapshotBuffers) -> None:
@@ -166,24 +166,25 @@ def _snapshot_contexts(
     return snapshot, _ReplayFromSnapshot(stats + param_buffers, snapshot)
 
 
-class _GANStagedMixin(_StagedCheckpointMixin):
-    """:class:`_StagedCheckpointMixin` whose checkpointing also replays spectral norm exactly."""
+class _GANStagedMixin(StagedCheckpointMixin):
+    """:class:`~medgen.nn.checkpointing.StagedCheckpointMixin` that also replays spectral norm
+    exactly."""
 
     def _run_stage(self, layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return _apply_layers(layers, start, stop, h)
+            return apply_layers(layers, start, stop, h)
         stage = [layers[i] for i in range(start, stop)]
         param_buffers = _parametrization_buffers(stage)
         if not param_buffers:  # then the translation nets' checkpointing is already exact
-            return _checkpoint_stage(layers, start, stop, h)
+            return checkpoint_stage(layers, start, stop, h)
         if torch.compiler.is_compiling():
             # Dynamo refuses the power iteration's buffer update inside a checkpointed region
             # ("unsafe side effect"), so under torch.compile spectral-norm stages are not
             # checkpointed: same results, without the memory saving.
-            return _apply_layers(layers, start, stop, h)
-        fn = functools.partial(_apply_layers, layers, start, stop)
+            return apply_layers(layers, start, stop, h)
+        fn = functools.partial(apply_layers, layers, start, stop)
         context_fn = functools.partial(
-            _snapshot_contexts, _tracked_stat_buffers(stage), param_buffers
+            _snapshot_contexts, tracked_stat_buffers(stage), param_buffers
         )
         return checkpoint(fn, h, use_reentrant=False, context_fn=context_fn)
 
@@ -264,7 +265,7 @@ class DCGANGenerator(_GANStagedMixin):
         conv_t = conv_transpose_nd(spatial_dims)
 
         def norm_act(ch: int) -> tuple[list[nn.Module], bool]:
-            layer = _norm(norm, spatial_dims, ch)
+            layer = get_norm_layer(norm, spatial_dims, ch, instance_affine=False)
             # A bias before a norm with its own shift is redundant (DCGAN's BN layers).
             return [layer, nn.ReLU(inplace=True)], getattr(layer, "bias", None) is None
 
@@ -289,7 +290,7 @@ class DCGANGenerator(_GANStagedMixin):
                 ]
             layers += tail
         self.model = nn.Sequential(*layers)
-        self._stages = _stages_from_starts(starts, len(layers))
+        self._stages = stages_from_starts(starts, len(layers))
         init_weights(self, "normal", 0.02)
 
     def sample_latent(self, num: int, generator: torch.Generator | None = None) -> Tensor:
@@ -356,7 +357,7 @@ class _StridedConvClassifier(_GANStagedMixin):
         starts.append(len(layers))
         layers.append(conv(ch_in, 1, self.final_size))
         self.model = nn.Sequential(*layers)
-        self._stages = _stages_from_starts(starts, len(layers))
+        self._stages = stages_from_starts(starts, len(layers))
         init_weights(self, "normal", 0.02)
         if spectral_norm:
             # Wrapped after initialisation, so the power iteration starts from the final weights.
@@ -414,7 +415,7 @@ class DCGANDiscriminator(_StridedConvClassifier):
             in_channels,
             image_size,
             channels,
-            functools.partial(_norm, norm, sd),
+            functools.partial(get_norm_layer, norm, sd, instance_affine=False),
             spectral_norm,
             gradient_checkpointing,
         )

@@ -14,7 +14,8 @@ additions the medical presets need:
 * every net takes ``gradient_checkpointing`` (also settable after construction): in training with
   grad enabled, each stage (a residual block, a down or up stage, a discriminator conv stage) is
   recomputed in the backward pass instead of keeping its activations. Outputs, gradients and the
-  running statistics of batch norm are the same as without it (see :func:`_checkpoint_stage`).
+  running statistics of batch norm are the same as without it (see
+  :func:`medgen.nn.checkpointing.checkpoint_stage`).
 
 Presets: ``resnet_9blocks`` = ``ResnetGenerator(n_blocks=9)``, ``resnet_6blocks`` = ``n_blocks=6``,
 ``unet_256`` = ``UnetGenerator(num_downs=8)``, ``unet_128`` = ``num_downs=7``, ``basic`` =
@@ -23,20 +24,24 @@ Presets: ``resnet_9blocks`` = ``ResnetGenerator(n_blocks=9)``, ``resnet_6blocks`
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Sequence
 from fractions import Fraction
-from types import TracebackType
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch import nn
 
+from medgen.nn.checkpointing import (
+    BufferSnapshot,
+    RestoreRunningStats,
+    StagedCheckpointMixin,
+    apply_layers,
+    checkpoint_stage,
+    stages_from_starts,
+    tracked_stat_buffers,
+)
 from medgen.nn.factories import (
     NormSpec,
-    _split_spec,
     check_spatial_dims,
     conv_nd,
     conv_transpose_nd,
@@ -58,6 +63,16 @@ __all__ = [
     "receptive_field",
 ]
 
+# Old private names of the checkpointing helpers, now public in medgen.nn.checkpointing; kept so
+# that code importing them from here keeps working (medgen.models.translation, until it moves).
+_tracked_stat_buffers = tracked_stat_buffers
+_BufferSnapshot = BufferSnapshot
+_RestoreRunningStats = RestoreRunningStats
+_apply_layers = apply_layers
+_checkpoint_stage = checkpoint_stage
+_StagedCheckpointMixin = StagedCheckpointMixin
+_stages_from_starts = stages_from_starts
+
 _PADDING_MODES = {"reflect": "reflect", "replicate": "replicate", "zero": "zeros", "zeros": "zeros"}
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 
@@ -65,21 +80,13 @@ INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _resolve_norm(norm: NormSpec) -> NormSpec:
-    """Turn ``"instance"`` (or ``("instance", kwargs)``) into instance norm with ``affine=False``.
+def _norm(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
+    """A norm layer; ``"instance"`` without affine parameters unless ``norm`` says otherwise.
 
     Upstream pix2pix/CycleGAN uses non-affine instance norm; our factory defaults to affine, so the
     translation nets ask for ``affine=False`` unless the caller says otherwise.
     """
-    name, kwargs = _split_spec(norm, "norm")
-    if isinstance(name, str) and name.lower().replace("_", "").replace("norm", "") == "instance":
-        kwargs.setdefault("affine", False)
-        return (name, kwargs)
-    return norm
-
-
-def _norm(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
-    return get_norm_layer(_resolve_norm(norm), spatial_dims, channels)
+    return get_norm_layer(norm, spatial_dims, channels, instance_affine=False)
 
 
 def _conv_bias(norm: NormSpec, spatial_dims: int) -> bool:
@@ -99,119 +106,6 @@ def _padding_mode(padding_type: str) -> str:
         raise ValueError(
             f"Unknown padding_type {padding_type!r}; valid are 'reflect', 'replicate', 'zero'."
         ) from None
-
-
-# --------------------------------------------------------------------------------------------------
-# activation checkpointing
-# --------------------------------------------------------------------------------------------------
-def _tracked_stat_buffers(modules: Sequence[nn.Module]) -> list[Tensor]:
-    """Running-statistics buffers that norm layers in ``modules`` update in training mode."""
-    buffers: list[Tensor] = []
-    for top in modules:
-        for m in top.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-                stats = (m.running_mean, m.running_var, m.num_batches_tracked)
-                buffers += [b for b in stats if b is not None]
-    return buffers
-
-
-class _BufferSnapshot:
-    """Context manager that copies ``buffers`` on entry (into :attr:`saved`) and keeps them."""
-
-    def __init__(self, buffers: list[Tensor]) -> None:
-        self.buffers = buffers
-        self.saved: list[Tensor] = []
-
-    def __enter__(self) -> None:
-        self.saved = [b.clone() for b in self.buffers]
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-
-class _RestoreRunningStats(_BufferSnapshot):
-    """Context manager that undoes running-statistics updates made inside it.
-
-    Entered around the recomputation of a checkpointed stage: the recomputed forward runs batch /
-    instance norm in training mode again, which would apply the momentum update (and
-    ``num_batches_tracked += 1``) a second time. The buffers are copied on entry and written back
-    on exit, so they end exactly as after the original forward pass.
-    """
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        with torch.no_grad():
-            for buffer, saved in zip(self.buffers, self.saved, strict=True):
-                buffer.copy_(saved)
-        self.saved = []
-
-
-def _recompute_contexts(buffers: list[Tensor]) -> tuple[Any, Any]:
-    return contextlib.nullcontext(), _RestoreRunningStats(buffers)
-
-
-def _apply_layers(layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
-    for i in range(start, stop):
-        h = layers[i](h)
-    return h
-
-
-def _checkpoint_stage(layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
-    """Run ``layers[start:stop]`` on ``h`` under non-reentrant activation checkpointing.
-
-    Batch norm (and instance norm with ``track_running_stats``) recomputed in the backward pass
-    would update its running statistics twice. Eagerly, the recomputation is wrapped in
-    :class:`_RestoreRunningStats`. Under ``torch.compile`` the checkpointed region is recomputed
-    functionally by AOTAutograd (backends ``aot_eager``, ``inductor``), where buffer updates are
-    applied once by construction, so no context is needed (dynamo accepts only selective-
-    checkpointing contexts). The debugging ``eager`` backend replays the region through eager
-    checkpointing with the buffers as saved inputs, so its backward fails for batch-norm stages.
-    """
-    fn = functools.partial(_apply_layers, layers, start, stop)
-    if torch.compiler.is_compiling():
-        return checkpoint(fn, h, use_reentrant=False)
-    buffers = _tracked_stat_buffers([layers[i] for i in range(start, stop)])
-    if not buffers:
-        return checkpoint(fn, h, use_reentrant=False)
-    context_fn = functools.partial(_recompute_contexts, buffers)
-    return checkpoint(fn, h, use_reentrant=False, context_fn=context_fn)
-
-
-class _StagedCheckpointMixin(nn.Module):
-    """Runs contiguous slices ("stages") of an ``nn.Sequential``, checkpointed when asked.
-
-    Stages are index ranges, so the ``state_dict`` keys are those of the flat ``nn.Sequential``.
-    """
-
-    gradient_checkpointing: bool
-
-    def _run_stage(self, layers: nn.Sequential, start: int, stop: int, h: Tensor) -> Tensor:
-        # Only worthwhile (and only done) in training with grad enabled, where a backward follows.
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return _checkpoint_stage(layers, start, stop, h)
-        return _apply_layers(layers, start, stop, h)
-
-    def _run_stages(
-        self, layers: nn.Sequential, stages: Sequence[tuple[int, int]], h: Tensor
-    ) -> Tensor:
-        for start, stop in stages:
-            h = self._run_stage(layers, start, stop, h)
-        return h
-
-
-def _stages_from_starts(starts: Sequence[int], length: int) -> tuple[tuple[int, int], ...]:
-    """``[(s0, s1), (s1, s2), ..., (s_last, length)]`` from the start index of every stage."""
-    bounds = [*starts, length]
-    return tuple((bounds[i], bounds[i + 1]) for i in range(len(starts)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,7 +246,7 @@ def _chain_stages(layers: Sequence[nn.Module], prefix: str) -> list[Stage]:
     return stages
 
 
-class ResnetGenerator(_StagedCheckpointMixin):
+class ResnetGenerator(StagedCheckpointMixin):
     """ResNet generator of CycleGAN/pix2pix (``resnet_9blocks``, ``resnet_6blocks``), 2D or 3D.
 
     Layout: padded 7-conv to ``ngf``; two stride-2 3-convs (``ngf -> 2 ngf -> 4 ngf``); ``n_blocks``
@@ -453,7 +347,7 @@ class ResnetGenerator(_StagedCheckpointMixin):
             layers += [*up, _norm(norm, spatial_dims, ch // 2), nn.ReLU(inplace=True)]
             ch //= 2
         self.body = nn.Sequential(*layers)
-        self._stages = _stages_from_starts(starts, len(layers))
+        self._stages = stages_from_starts(starts, len(layers))
         self.head = conv(ch, out_channels, 7, padding=3, padding_mode=mode)
         self.final_act = get_act_layer(final_act)
 
@@ -492,7 +386,7 @@ class ResnetGenerator(_StagedCheckpointMixin):
 # --------------------------------------------------------------------------------------------------
 # UNet generator
 # --------------------------------------------------------------------------------------------------
-class UnetSkipBlock(_StagedCheckpointMixin):
+class UnetSkipBlock(StagedCheckpointMixin):
     """One level of the recursive pix2pix UNet: ``down -> submodule -> up``, concatenated with input.
 
     Down: LeakyReLU(0.2), stride-2 4-conv, norm (the outermost level has no activation or norm before
@@ -702,7 +596,7 @@ def receptive_field(n_layers: int = 3) -> int:
     return r
 
 
-class NLayerDiscriminator(_StagedCheckpointMixin):
+class NLayerDiscriminator(StagedCheckpointMixin):
     """PatchGAN discriminator (``basic`` = ``n_layers=3``, the 70x70 PatchGAN), 2D or 3D.
 
     Convs of kernel 4, padding 1: ``in -> ndf`` (stride 2, no norm), then ``n_layers - 1`` stride-2
@@ -755,7 +649,7 @@ class NLayerDiscriminator(_StagedCheckpointMixin):
                 layers.append(nn.LeakyReLU(0.2, inplace=True))
             ch_in = ch_out
         self.model = nn.Sequential(*layers)
-        self._stages = _stages_from_starts(starts, len(layers))
+        self._stages = stages_from_starts(starts, len(layers))
         self.n_layers = n_layers
 
     @property
@@ -782,7 +676,7 @@ class NLayerDiscriminator(_StagedCheckpointMixin):
         return outputs
 
 
-class PixelDiscriminator(_StagedCheckpointMixin):
+class PixelDiscriminator(StagedCheckpointMixin):
     """1x1 PatchGAN (``pixel``): classifies each pixel/voxel independently, 2D or 3D.
 
     ``in -> ndf -> 2 ndf -> 1`` with 1x1 convs, LeakyReLU(0.2) and a norm after the second conv.

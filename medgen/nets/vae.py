@@ -13,6 +13,7 @@ from torch import nn
 
 from medgen.nets.autoencoder import Decoder, Encoder
 from medgen.nn.distributions import DiagonalGaussian
+from medgen.utils.sequences import per_axis
 
 
 class VAENet(nn.Module):
@@ -85,7 +86,7 @@ class VAENet(nn.Module):
         else:
             if image_size is None:
                 raise ValueError("a vector latent (latent_dim) needs image_size")
-            size = (image_size,) * spatial_dims if isinstance(image_size, int) else image_size
+            size = per_axis(image_size, spatial_dims, "image_size")
             if len(size) != spatial_dims or any(s % factor for s in size):
                 raise ValueError(
                     f"image_size {tuple(size)} must have {spatial_dims} entries divisible by {factor}"

@@ -24,6 +24,7 @@ __all__ = [
     "conv_transpose_nd",
     "get_act_layer",
     "get_norm_layer",
+    "split_spec",
 ]
 
 NormSpec = str | tuple | Callable[..., nn.Module] | None
@@ -65,8 +66,20 @@ def avg_pool_nd(spatial_dims: int) -> type[nn.Module]:
     return {2: nn.AvgPool2d, 3: nn.AvgPool3d}[check_spatial_dims(spatial_dims)]
 
 
-def _split_spec(spec: Any, what: str) -> tuple[Any, dict[str, Any]]:
-    """Split ``spec`` into ``(name_or_callable, kwargs)``."""
+def split_spec(spec: Any, what: str) -> tuple[Any, dict[str, Any]]:
+    """Split a layer spec into ``(name_or_callable, kwargs)``.
+
+    Args:
+        spec: A name, class or callable (returned with empty kwargs), or a pair
+            ``(name_or_callable, kwargs_mapping)`` (the kwargs are copied into a new dict).
+        what: What the spec describes (``"norm"``, ``"act"``), for the error message.
+
+    Returns:
+        ``(name_or_callable, kwargs)``.
+
+    Raises:
+        ValueError: A tuple or list that is not ``(name_or_class, kwargs_dict)``.
+    """
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2 or not isinstance(spec[1], Mapping):
             raise ValueError(
@@ -74,6 +87,9 @@ def _split_spec(spec: Any, what: str) -> tuple[Any, dict[str, Any]]:
             )
         return spec[0], dict(spec[1])
     return spec, {}
+
+
+_split_spec = split_spec  # the old private name
 
 
 def _group_norm(channels: int, num_groups: int = 32, **kwargs: Any) -> nn.GroupNorm:
@@ -101,7 +117,9 @@ def _batch_norm(spatial_dims: int, channels: int, **kwargs: Any) -> nn.Module:
 _NORM_NAMES = ("group", "instance", "batch", "layer", "none")
 
 
-def get_norm_layer(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
+def get_norm_layer(
+    norm: NormSpec, spatial_dims: int, channels: int, *, instance_affine: bool = True
+) -> nn.Module:
     """Build a normalisation layer for channels-first tensors ``(B, C, *spatial)``.
 
     Args:
@@ -117,6 +135,8 @@ def get_norm_layer(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Modul
             always divides ``channels``.
         spatial_dims: Number of spatial dimensions, 2 or 3.
         channels: Number of channels ``C`` to normalise.
+        instance_affine: Whether instance norm has learned affine parameters when ``norm`` does
+            not say (its ``affine`` kwarg wins). ``False`` gives pix2pix/CycleGAN's instance norm.
 
     Returns:
         The normalisation module.
@@ -125,7 +145,7 @@ def get_norm_layer(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Modul
         ValueError: For an unknown name, a malformed tuple or an invalid ``spatial_dims``.
     """
     spatial_dims = check_spatial_dims(spatial_dims)
-    name, kwargs = _split_spec(norm, "norm")
+    name, kwargs = split_spec(norm, "norm")
     if name is None:
         return nn.Identity()
     if isinstance(name, str):
@@ -137,6 +157,7 @@ def get_norm_layer(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Modul
         if key == "layer":
             return _layer_norm(channels, **kwargs)
         if key == "instance":
+            kwargs.setdefault("affine", instance_affine)
             return _instance_norm(spatial_dims, channels, **kwargs)
         if key == "batch":
             return _batch_norm(spatial_dims, channels, **kwargs)
@@ -180,7 +201,7 @@ def get_act_layer(act: ActSpec) -> nn.Module:
     Raises:
         ValueError: For an unknown name or a malformed tuple.
     """
-    name, kwargs = _split_spec(act, "act")
+    name, kwargs = split_spec(act, "act")
     if name is None:
         return nn.Identity()
     if isinstance(name, str):

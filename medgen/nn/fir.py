@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medgen.nn.factories import check_spatial_dims
+from medgen.utils.sequences import per_axis
 
 __all__ = ["Blur", "FIRDownsample", "FIRUpsample", "make_fir_kernel", "upfirdn"]
 
@@ -63,13 +64,8 @@ def make_fir_kernel(
     return kernel * gain
 
 
-def _as_pad_pair(pad: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(pad, int):
-        return (pad, pad)
-    pad = tuple(int(p) for p in pad)
-    if len(pad) != 2:
-        raise ValueError(f"pad must be an int or a pair (p0, p1), got {pad!r}.")
-    return pad  # type: ignore[return-value]
+#: How the error messages of :func:`per_axis` name the ``pad`` argument.
+_PAD = "pad pair (p0, p1)"
 
 
 def _flat_pad(pads: Sequence[tuple[int, int]]) -> list[int]:
@@ -155,7 +151,7 @@ def upfirdn(
         )
     if up < 1 or down < 1:
         raise ValueError(f"up and down must be >= 1, got up={up}, down={down}.")
-    p0, p1 = _as_pad_pair(pad)
+    p0, p1 = per_axis(pad, 2, _PAD)
     if kernel.ndim == d:
         return _upfirdn_nd(x, kernel, (up,) * d, (down,) * d, [(p0, p1)] * d)
     if kernel.ndim == 1:
@@ -216,7 +212,7 @@ class Blur(nn.Module):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         kernel = make_fir_kernel(taps, spatial_dims, gain=float(upsample_factor) ** spatial_dims)
         k = kernel.shape[0]
-        self.pad = (k // 2, (k - 1) // 2) if pad is None else _as_pad_pair(pad)
+        self.pad = (k // 2, (k - 1) // 2) if pad is None else per_axis(pad, 2, _PAD)
         self.register_buffer("kernel", kernel, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
