@@ -144,6 +144,7 @@ ALIASES: dict[str, str] = {
         f"medgen.models.{m}.{n}": f"medgen.models.{n}"
         for m, n in [
             ("aggrgan", "AGGrGAN"),
+            ("aggrgan.module", "AGGrGAN"),  # a package since the split of aggrgan.py
             ("autoencoder", "AutoencoderKL"),
             ("autoencoder", "VQGAN"),
             ("translation", "CycleGAN"),
@@ -183,6 +184,15 @@ ALIASES: dict[str, str] = {
             ("datasets", "SliceDataset"),
             ("datasets", "UnpairedDataset"),
             ("datasets", "VolumeDataset"),
+            # defining modules since medgen.data.datasets and medgen.data.phantoms are packages
+            ("datasets.paired", "PairedDataset"),
+            ("datasets.paired", "PairedDataset.bci"),
+            ("datasets.patches", "PatchDataset"),
+            ("datasets.slices", "SliceDataset"),
+            ("datasets.unpaired", "UnpairedDataset"),
+            ("datasets.volumes", "VolumeDataset"),
+            ("phantoms.datasets", "PairedPhantomDataset"),
+            ("phantoms.datasets", "PhantomDataset"),
         ]
     },
     **{

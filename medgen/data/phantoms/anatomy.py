@@ -1,50 +1,9 @@
-"""Procedural 2D and 3D MR-like head phantoms: the embedded default dataset of medgen.
+"""The random anatomy of the head phantoms, their tissue labels and their MR-like rendering.
 
-Every phantom is drawn from a random *anatomy* that depends only on ``(seed, index)``: an
-ellipsoidal head (random axes, a slightly egg-shaped outline, small rotation and offset) with a
-scalp shell, a skull shell with a marrow-filled diploe, subarachnoid CSF, a folded grey-matter
-cortical ribbon with sulci and an interhemispheric fissure, white matter, deep grey matter (caudate
-heads and thalami), two mirror-symmetric lateral ventricles and a few small ellipsoidal
-white-matter lesions. A 2D phantom is an axial slice through such a head at the level of the
-lateral ventricles.
-
-Geometry is analytic in normalised image coordinates ``[-1, 1]`` (one unit is half the field of
-view along each axis), so any grid size, isotropic or not, samples the same anatomy. Each structure
-has an approximate signed distance (its level-set value over the norm of its analytic gradient),
-combined by min/max as in constructive solid geometry. The label map takes the sign of those
-distances; the image takes a smoothstep of the distance measured *in voxels* along the boundary
-normal, which gives partial-volume edges about one voxel wide at any resolution.
-
-Axes: a 3D volume ``(D, H, W)`` runs inferior → superior along axis 0, anterior → posterior along
-axis 1 (the face is at row 0) and across the head along axis 2; a 2D image ``(H, W)`` is an axial
-slice with the same rows and columns, so ``volume[k]`` for ``k`` a little above ``D // 2`` looks
-like a 2D phantom.
-
-Paired variants for image-to-image translation (:class:`PairedPhantomDataset`) come from the same
-anatomy: two MR contrasts; an image and its out-of-focus version (:func:`defocus`); and an H&E-like
-and an IHC-like colouring of the tissue as a stained section (:func:`stain_phantom`).
-
-Nothing in MONAI or torchio draws MR-like head anatomy (MONAI's ``create_test_image_3d`` draws
-random balls), hence this module.
-
-Randomness comes only from ``numpy.random.default_rng`` streams seeded with ``[seed, index, ...]``;
-no global NumPy or torch RNG state is read or changed, so a phantom is bit-identical on every call
-and in every process (on one platform). The arithmetic is vectorised NumPy in float32, which has a
-much lower per-operation overhead than torch on small grids; the results are returned as tensors.
-
-Example::
-
-    from medgen.data.phantoms import (
-        PairedPhantomDataset, PhantomDataset, head_phantom, head_phantom_labels, stain_phantom
-    )
-
-    t1 = head_phantom(2, 128, index=3)                   # (1, 128, 128) in [0, 1]
-    t2 = head_phantom(2, 128, index=3, contrast="t2")     # same anatomy, paired with t1
-    labels = head_phantom_labels(3, (48, 64, 64), index=3)
-    train = PhantomDataset(spatial_dims=3, size=32, length=100, offset=0)
-    val = PhantomDataset(spatial_dims=3, size=32, length=20, offset=100)  # disjoint subjects
-    he, ihc = stain_phantom(2, 128, index=3), stain_phantom(2, 128, index=3, stain="ihc")
-    pairs = PairedPhantomDataset(spatial_dims=2, size=64, pair="defocus", strength=2.0)
+A subject ``(seed, index)`` is drawn as analytic geometry (:func:`head_phantom_labels` gives its
+tissue labels, :class:`Tissue`), evaluated on a grid with partial-volume edges (:func:`evaluate`)
+and shaded in an MR contrast of :data:`CONTRASTS` (:func:`head_phantom`); see the package
+docstring for the model.
 """
 
 from __future__ import annotations
@@ -58,22 +17,6 @@ from enum import IntEnum
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
-
-__all__ = [
-    "CONTRASTS",
-    "PAIRS",
-    "PSFS",
-    "STAINS",
-    "PairedPhantomDataset",
-    "PhantomDataset",
-    "Tissue",
-    "defocus",
-    "head_phantom",
-    "head_phantom_labels",
-    "stain_phantom",
-]
 
 
 class Tissue(IntEnum):
@@ -89,7 +32,8 @@ class Tissue(IntEnum):
     LESION = 7
 
 
-def _table(values: Sequence[float]) -> dict[Tissue, float]:
+def tissue_table(values: Sequence[float]) -> dict[Tissue, float]:
+    """``{tissue: value}`` from one value per :class:`Tissue`, in the order of the enum."""
     return {tissue: float(v) for tissue, v in zip(Tissue, values, strict=True)}
 
 
@@ -99,14 +43,14 @@ def _table(values: Sequence[float]) -> dict[Tissue, float]:
 #: become valid ``contrast`` names.
 CONTRASTS: dict[str, dict[Tissue, float]] = {
     #             BG   scalp  skull  CSF   GM    WM    vent  lesion
-    "t1": _table([0.0, 0.80, 0.06, 0.10, 0.45, 0.70, 0.08, 0.30]),
-    "t2": _table([0.0, 0.55, 0.04, 0.95, 0.52, 0.34, 1.00, 0.78]),
-    "flair": _table([0.0, 0.60, 0.04, 0.07, 0.56, 0.40, 0.05, 0.95]),
-    "pd": _table([0.0, 0.70, 0.06, 0.85, 0.74, 0.58, 0.90, 0.82]),
+    "t1": tissue_table([0.0, 0.80, 0.06, 0.10, 0.45, 0.70, 0.08, 0.30]),
+    "t2": tissue_table([0.0, 0.55, 0.04, 0.95, 0.52, 0.34, 1.00, 0.78]),
+    "flair": tissue_table([0.0, 0.60, 0.04, 0.07, 0.56, 0.40, 0.05, 0.95]),
+    "pd": tissue_table([0.0, 0.70, 0.06, 0.85, 0.74, 0.58, 0.90, 0.82]),
 }
 
 # Relative amplitude of the smooth multiplicative tissue texture.
-_TEXTURE = _table([0.0, 0.10, 0.15, 0.02, 0.05, 0.035, 0.02, 0.06])
+_TEXTURE = tissue_table([0.0, 0.10, 0.15, 0.02, 0.05, 0.035, 0.02, 0.06])
 _DIPLOE_FRACTION = 0.6  # marrow intensity as a fraction of the scalp (fat) intensity
 
 _F32 = np.float32
@@ -381,7 +325,7 @@ def _ellipsoids(frame: _Frame, shapes: Sequence[_Ellipsoid], mirror: bool) -> _F
     return _scatter(frame.n, idx, sub.ellipsoids(shapes, mirror))
 
 
-def _wave_sum(p: Sequence[np.ndarray], k: np.ndarray, phase: np.ndarray) -> np.ndarray:
+def wave_sum(p: Sequence[np.ndarray], k: np.ndarray, phase: np.ndarray) -> np.ndarray:
     """A smooth random field of unit variance at points ``p``: ``sum_j sin(k_j . p + phase_j)``.
 
     Computed as a ``(J, N)`` array with NumPy elementwise operations: deterministic, and much
@@ -433,7 +377,7 @@ def _structures(
     # sulcus and of the cortex lining it vary a little, and the voxel size across a sulcus as
     # that of a random direction. Only the cortical shell needs them.
     c_idx, cortex = brain.subset(envelope[0] > -(anat.sulc_depth + anat.cortex + frame.pad))
-    n = _wave_sum(cortex.p, anat.sulc_k, anat.sulc_phase)
+    n = wave_sum(cortex.p, anat.sulc_k, anat.sulc_phase)
     slit = (np.abs(n) * (1.0 / anat.sulc_grad) - anat.sulc_width, cortex.voxel(None))
     env_c = _gather(envelope, c_idx)
     slits = _fmax(slit, _neg(_offset(env_c, anat.sulc_depth)))
@@ -463,7 +407,8 @@ def _structures(
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_size(spatial_dims: int, size: int | Sequence[int]) -> tuple[int, ...]:
+def as_size(spatial_dims: int, size: int | Sequence[int]) -> tuple[int, ...]:
+    """``size`` (one int, or one per axis) as ``spatial_dims`` positive ints."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if isinstance(size, int | np.integer):
@@ -476,7 +421,8 @@ def _as_size(spatial_dims: int, size: int | Sequence[int]) -> tuple[int, ...]:
     return size
 
 
-def _check_ids(seed: int, index: int) -> tuple[int, int]:
+def check_ids(seed: int, index: int) -> tuple[int, int]:
+    """``(seed, index)`` as non-negative ints, else a ValueError."""
     seed, index = operator.index(seed), operator.index(index)
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
@@ -513,7 +459,8 @@ def _frame(anat: _Anatomy, size: tuple[int, ...]) -> _Frame:
     return _Frame(tuple(p), metric, pad=0.8 * float(spacing.max()))
 
 
-def _lesion_count(lesions: int | tuple[int, int], rng: np.random.Generator) -> int:
+def lesion_count(lesions: int | tuple[int, int], rng: np.random.Generator) -> int:
+    """The lesion count: ``lesions`` itself, or drawn from the inclusive range ``(low, high)``."""
     if isinstance(lesions, int | np.integer):
         if lesions < 0:
             raise ValueError(f"lesions must be non-negative, got {lesions}")
@@ -542,7 +489,7 @@ def _draw_lesions(
     voxel size (lesions must span a few voxels to be seen).
     """
     rng = np.random.default_rng([seed, index, 1, spatial_dims])
-    count = _lesion_count(lesions, rng)
+    count = lesion_count(lesions, rng)
     if count == 0:
         return []
     coarsest = float(spacing.max())
@@ -628,7 +575,7 @@ def _soft(f: _Field, smooth: bool) -> np.ndarray:
 
 
 @dataclass
-class _Phantom:
+class Phantom:
     """One evaluated phantom: flat labels, soft memberships (outer on all points, inner on the
     brain subset ``b_idx``) and everything needed to shade it."""
 
@@ -642,17 +589,17 @@ class _Phantom:
     inner: dict[Tissue, np.ndarray]
 
 
-def _evaluate(
+def evaluate(
     spatial_dims: int,
     size: int | Sequence[int],
     index: int,
     seed: int,
     lesions: int | tuple[int, int],
     smooth: bool | None,
-) -> _Phantom:
+) -> Phantom:
     """Evaluates the geometry of one phantom; ``smooth=None`` skips the soft memberships."""
-    size = _as_size(spatial_dims, size)
-    seed, index = _check_ids(seed, index)
+    size = as_size(spatial_dims, size)
+    seed, index = check_ids(seed, index)
     anat = _draw_anatomy(seed, index)
     frame = _frame(anat, size)
     _, spacing = _image_axes(size, anat.slice_level)
@@ -670,7 +617,7 @@ def _evaluate(
     inner[vent] = Tissue.VENTRICLE - Tissue.CSF
     inner[wm & ~vent & ~dgm & (st["lesions"][0] < 0)] = Tissue.LESION - Tissue.CSF
     labels[b_idx] += inner
-    ph = _Phantom(size, anat, frame, st, b_idx, labels, {}, {})
+    ph = Phantom(size, anat, frame, st, b_idx, labels, {}, {})
     if smooth is None:
         return ph
 
@@ -694,7 +641,8 @@ def _evaluate(
     return ph
 
 
-def _contrast_table(contrast: str) -> dict[Tissue, float]:
+def contrast_table(contrast: str) -> dict[Tissue, float]:
+    """The intensity of each tissue in ``contrast`` (a key of :data:`CONTRASTS`)."""
     try:
         return CONTRASTS[contrast]
     except (KeyError, TypeError):
@@ -734,7 +682,7 @@ def head_phantom_labels(
     Raises:
         ValueError: on a bad ``spatial_dims``, ``size``, ``seed``, ``index`` or ``lesions``.
     """
-    ph = _evaluate(spatial_dims, size, index, seed, lesions, smooth=None)
+    ph = evaluate(spatial_dims, size, index, seed, lesions, smooth=None)
     return torch.from_numpy(ph.labels.reshape(ph.size))
 
 
@@ -778,18 +726,18 @@ def head_phantom(
     Raises:
         ValueError: on an unknown contrast or another bad argument.
     """
-    _contrast_table(contrast)  # validates before the geometry is evaluated
+    contrast_table(contrast)  # validates before the geometry is evaluated
     if not noise_std >= 0 or not bias_field >= 0:
         raise ValueError(
             f"noise_std and bias_field must be non-negative, got {noise_std}, {bias_field}"
         )
-    ph = _evaluate(spatial_dims, size, index, seed, lesions, smooth=bool(smooth))
-    image = _shade(ph, contrast, seed, index, spatial_dims, noise_std, bias_field)
+    ph = evaluate(spatial_dims, size, index, seed, lesions, smooth=bool(smooth))
+    image = shade(ph, contrast, seed, index, spatial_dims, noise_std, bias_field)
     return torch.from_numpy(image).to(dtype)
 
 
-def _shade(
-    ph: _Phantom,
+def shade(
+    ph: Phantom,
     contrast: str,
     seed: int,
     index: int,
@@ -798,7 +746,7 @@ def _shade(
     bias_field: float,
 ) -> np.ndarray:
     """Renders an evaluated phantom in one MR contrast: float32 ``(1, *size)`` in ``[0, 1]``."""
-    table = _contrast_table(contrast)
+    table = contrast_table(contrast)
     anat, frame, st, b_idx = ph.anat, ph.frame, ph.fields, ph.b_idx
 
     image = ph.outer[Tissue.CSF] * table[Tissue.CSF]
@@ -825,7 +773,7 @@ def _shade(
 
     # A faint smooth texture, fixed to the anatomy: the same in every contrast.
     idx, inside = frame.subset(st["head"][0] < frame.pad)
-    texture = _wave_sum(inside.p, anat.tex_k, anat.tex_phase)
+    texture = wave_sum(inside.p, anat.tex_k, anat.tex_phase)
     gain = np.zeros(frame.n, dtype=_F32)
     for t, m in ph.outer.items():
         gain += m * (table[t] * _TEXTURE[t])
@@ -835,473 +783,10 @@ def _shade(
     if bias_field > 0:
         axes, _ = _image_axes(ph.size, anat.slice_level)
         grid = [g.reshape(-1) for g in np.meshgrid(*axes, indexing="ij")]
-        field = _wave_sum(grid, anat.bias_k, anat.bias_phase)
+        field = wave_sum(grid, anat.bias_k, anat.bias_phase)
         image *= np.maximum(1.0 + float(bias_field) * field, 0.0)
     if noise_std > 0:
         rng = np.random.default_rng([seed, index, 2, spatial_dims, zlib.crc32(contrast.encode())])
         noise = rng.standard_normal((2, frame.n), dtype=_F32) * _F32(noise_std)
         image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
     return np.clip(image, 0.0, 1.0).reshape(1, *ph.size)
-
-
-class PhantomDataset(Dataset):
-    """A map-style dataset of procedural head phantoms.
-
-    Item ``i`` is the phantom of subject ``(seed, offset + i)``: a subject always has the same
-    anatomy, whatever ``contrast``, ``size`` or ``length``. Give training and validation sets
-    disjoint index ranges (e.g. ``offset=0, length=256`` and ``offset=256, length=64``) so that no
-    subject is in both; the same ``seed`` and ``offset`` with two contrasts give paired data.
-
-    Args:
-        spatial_dims: 2 for axial slices, 3 for volumes.
-        size: grid size, one int for every axis or one per axis.
-        length: number of subjects.
-        seed: dataset seed.
-        contrast: a key of :data:`CONTRASTS`.
-        lesions: white-matter lesion count: an int, or an inclusive ``(low, high)`` range.
-        noise_std: Rician-like noise level (see :func:`head_phantom`).
-        bias_field: multiplicative bias-field amplitude (see :func:`head_phantom`).
-        offset: index of the first subject.
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int = 2,
-        size: int | Sequence[int] = 64,
-        length: int = 256,
-        seed: int = 0,
-        contrast: str = "t1",
-        lesions: int | tuple[int, int] = (0, 3),
-        noise_std: float = 0.0,
-        bias_field: float = 0.0,
-        offset: int = 0,
-    ):
-        _contrast_table(contrast)
-        self.size = _as_size(spatial_dims, size)
-        self.length, self.offset = operator.index(length), operator.index(offset)
-        self.seed = _check_ids(seed, self.offset)[0]
-        if self.length < 0:
-            raise ValueError(f"length must be non-negative, got {length}")
-        _lesion_count(lesions, np.random.default_rng(0))  # validates early
-        if not noise_std >= 0 or not bias_field >= 0:
-            raise ValueError(
-                f"noise_std and bias_field must be non-negative, got {noise_std}, {bias_field}"
-            )
-        self.spatial_dims = spatial_dims
-        self.contrast = contrast
-        self.lesions = lesions if isinstance(lesions, int) else tuple(lesions)
-        self.noise_std = float(noise_std)
-        self.bias_field = float(bias_field)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        """Returns ``{"image": (1, *size) float32 tensor, "index": subject index}``."""
-        i = operator.index(i)
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {i} out of range for a PhantomDataset of length {self.length}")
-        index = self.offset + i
-        image = head_phantom(
-            self.spatial_dims,
-            self.size,
-            index=index,
-            seed=self.seed,
-            contrast=self.contrast,
-            lesions=self.lesions,
-            noise_std=self.noise_std,
-            bias_field=self.bias_field,
-        )
-        return {"image": image, "index": index}
-
-
-# ----------------------------------------------------------------------------------------------
-# Paired variants: defocus and stains
-# ----------------------------------------------------------------------------------------------
-
-#: Kinds of point-spread function understood by :func:`defocus`.
-PSFS: tuple[str, ...] = ("disk", "gaussian")
-
-
-def _disk_kernel(spatial_dims: int, radius: float) -> np.ndarray:
-    """A disk (2D) or ball (3D) of ``radius`` pixels, anti-aliased, summing to 1.
-
-    Each weight is the fraction of its pixel inside the disk, estimated on a regular sub-pixel
-    grid (16 per axis in 2D, 8 in 3D), so the kernel changes continuously with ``radius``.
-    """
-    half = math.ceil(radius)
-    sub = 16 if spatial_dims == 2 else 8
-    offsets = (np.arange(sub) + 0.5) / sub - 0.5
-    axis = (np.arange(-half, half + 1)[:, None] + offsets[None, :]).reshape(-1)  # (K * sub,)
-    grids = np.meshgrid(*([axis] * spatial_dims), indexing="ij")
-    inside = sum(g * g for g in grids) <= radius * radius
-    k = 2 * half + 1
-    coverage = inside.reshape(sum(((k, sub) for _ in range(spatial_dims)), ()))
-    coverage = coverage.mean(axis=tuple(range(1, 2 * spatial_dims, 2)))
-    if coverage.sum() == 0:  # radius below the sub-pixel grid: a delta
-        coverage[(half,) * spatial_dims] = 1.0
-    return coverage / coverage.sum()
-
-
-def _gauss_kernel(sigma: float) -> np.ndarray:
-    half = max(1, math.ceil(3.0 * sigma))
-    x = np.arange(-half, half + 1, dtype=np.float64)
-    g = np.exp(-0.5 * (x / sigma) ** 2)
-    return g / g.sum()
-
-
-def _convolve(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
-    """Convolves each of the ``N`` images ``(N, *spatial)`` with a centred ``kernel``.
-
-    ``kernel`` has one (odd) extent per spatial axis; a separable pass gives it extent 1 along
-    the other axes. Borders are reflected (replicated when the image is smaller than the kernel).
-    """
-    spatial_dims = x.ndim - 1
-    conv = F.conv2d if spatial_dims == 2 else F.conv3d
-    half = [s // 2 for s in kernel.shape]
-    pad = [p for h in reversed(half) for p in (h, h)]
-    fits = all(h < n for h, n in zip(half, x.shape[-len(half) :], strict=True))
-    padded = F.pad(x[:, None], pad, mode="reflect" if fits else "replicate")
-    weight = torch.as_tensor(kernel, dtype=x.dtype, device=x.device)[None, None]
-    return conv(padded, weight)[:, 0]
-
-
-def defocus(
-    image: torch.Tensor,
-    strength: float,
-    kind: str = "disk",
-    spatial_dims: int | None = None,
-) -> torch.Tensor:
-    """Blurs an image as an out-of-focus optical system would: a deterministic low-pass filter.
-
-    In geometric optics a point out of the focal plane images as a uniform disk (the circle of
-    confusion), so ``kind="disk"`` convolves with a disk of radius ``strength`` pixels (a ball in
-    3D); ``kind="gaussian"`` uses a Gaussian of standard deviation ``strength`` pixels, the usual
-    smoother approximation. Such blurred/sharp pairs are what defocus-correction networks learn
-    from, as in COMI (Zhang et al., "Correction of out-of-focus microscopic images by deep
-    learning", Comput. Struct. Biotechnol. J. 20, 2022). Both kernels sum to 1 and the borders are
-    reflected, so the mean intensity is kept (exactly, up to rounding, away from the borders) and
-    non-negative images stay non-negative.
-
-    Args:
-        image: ``(C, H, W)`` or ``(C, D, H, W)`` (more leading axes with ``spatial_dims``).
-        strength: disk radius or Gaussian sigma in pixels; 0 returns a copy.
-        kind: ``"disk"`` or ``"gaussian"``.
-        spatial_dims: 2 or 3; by default ``image.ndim - 1``. Give it for batches
-            ``(B, C, *spatial)``.
-
-    Returns:
-        The blurred image, same shape and dtype (float32 for integer input).
-
-    Raises:
-        ValueError: unknown ``kind``, negative or non-finite ``strength``, or a bad shape.
-    """
-    if kind not in PSFS:
-        raise ValueError(f"unknown defocus kind {kind!r}; valid kinds are: {', '.join(PSFS)}")
-    strength = float(strength)
-    if not (math.isfinite(strength) and strength >= 0):
-        raise ValueError(f"strength must be a non-negative number of pixels, got {strength}")
-    if not isinstance(image, torch.Tensor):
-        image = torch.as_tensor(image)
-    if spatial_dims is None:
-        spatial_dims = image.ndim - 1
-    if spatial_dims not in (2, 3) or image.ndim < spatial_dims + 1:
-        raise ValueError(
-            "defocus expects a channel-first (C, H, W) or (C, D, H, W) image (or spatial_dims "
-            f"for more leading axes), got shape {tuple(image.shape)}"
-        )
-    if strength == 0:
-        return image.clone()
-    dtype = image.dtype if image.is_floating_point() else torch.float32
-    spatial = image.shape[image.ndim - spatial_dims :]
-    x = image.reshape(-1, *spatial).to(dtype)
-    if kind == "disk":
-        x = _convolve(x, _disk_kernel(spatial_dims, strength))
-    else:  # separable: one 1D pass per axis
-        g = _gauss_kernel(strength)
-        for axis in range(spatial_dims):
-            shape = [1] * spatial_dims
-            shape[axis] = g.size
-            x = _convolve(x, g.reshape(shape))
-    return x.reshape(image.shape).to(image.dtype if image.is_floating_point() else dtype)
-
-
-#: Stain names understood by :func:`stain_phantom`.
-STAINS: tuple[str, ...] = ("he", "ihc")
-
-# Optical density (per unit concentration) of haematoxylin, eosin and DAB in the R, G and B
-# channels: the stain vectors of Ruifrok & Johnston (2001), unit length (also skimage's hed).
-_STAIN_OD = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_STAIN_OD /= np.linalg.norm(_STAIN_OD, axis=1, keepdims=True)
-
-# Per-tissue concentrations (BG, scalp, skull, CSF, GM, WM, ventricle, lesion). Nuclei are placed
-# with a per-pixel probability (cellularity); lesions are hypercellular, CSF spaces empty.
-_EOSIN = _table([0.0, 0.32, 0.60, 0.02, 0.20, 0.30, 0.01, 0.24])
-_HAEM_MATRIX = _table([0.0, 0.08, 0.05, 0.0, 0.16, 0.07, 0.0, 0.20])  # faint, outside nuclei
-_CELLULARITY = _table([0.0, 0.015, 0.006, 0.0, 0.04, 0.012, 0.0, 0.09])
-# IHC: DAB in "positive" tissue (grey matter, e.g. a neuronal marker, and lesions, e.g. a marker of
-# proliferating cells), nearly none elsewhere; the counterstain is a lighter haematoxylin.
-_DAB = _table([0.0, 0.0, 0.0, 0.0, 0.55, 0.03, 0.0, 0.95])
-_NUCLEUS_RADIUS = 1.5  # pixels
-_NUCLEUS_H = {"he": 1.1, "ihc": 0.8}  # haematoxylin in a nucleus
-_MATRIX_H = {"he": 0.6, "ihc": 0.9}  # scale of the matrix haematoxylin
-_POSITIVE = (Tissue.GREY_MATTER, Tissue.LESION)
-
-
-def _mix(ph: _Phantom, values: dict[Tissue, float]) -> np.ndarray:
-    """Per-voxel value of a tissue property, weighted by the soft memberships (flat float32)."""
-    out = sum(m * _F32(values[t]) for t, m in ph.outer.items())
-    out[ph.b_idx] += sum(m * _F32(values[t]) for t, m in ph.inner.items())
-    return out
-
-
-def _stain_textures(
-    ph: _Phantom, seed: int, index: int, spatial_dims: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The stain-independent parts of a section: nuclei (a soft mask) and a fibre texture.
-
-    Drawn from ``(seed, index)`` only, so the H&E and IHC renderings of one subject show the very
-    same cells (a restained section, pixel-aligned).
-    """
-    rng = np.random.default_rng([seed, index, 3, spatial_dims])
-    size = ph.size
-    seeds = rng.random(ph.frame.n, dtype=np.float32) < _mix(ph, _CELLULARITY)
-    seeds = torch.from_numpy(seeds.reshape(1, *size).astype(np.float32))
-    disk = _disk_kernel(spatial_dims, _NUCLEUS_RADIUS)
-    # the disk sums to 1: scale so that a lone nucleus is 1 at its centre, then saturate overlaps
-    nuclei = _convolve(seeds, disk / disk.max()).clamp_(0.0, 1.0).numpy().reshape(-1)
-    fibres = rng.standard_normal(ph.frame.n, dtype=np.float32).reshape(1, *size)
-    fibres = defocus(torch.from_numpy(fibres), 0.8, kind="gaussian").numpy().reshape(-1)
-    fibres *= _F32(1.0 / max(float(fibres.std()), 1e-6))
-    return nuclei, fibres
-
-
-def _stain_rgb(
-    ph: _Phantom,
-    stain: str,
-    seed: int,
-    index: int,
-    spatial_dims: int,
-    noise_std: float,
-    parts: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Renders an evaluated phantom as a stained section: float32 ``(3, *size)`` in ``[0, 1]``."""
-    nuclei, fibres = parts if parts is not None else _stain_textures(ph, seed, index, spatial_dims)
-    anat, frame = ph.anat, ph.frame
-    idx, inside = frame.subset(ph.fields["head"][0] < frame.pad)
-    texture = np.zeros(frame.n, dtype=_F32)
-    texture[idx] = _wave_sum(inside.p, anat.tex_k, anat.tex_phase)
-    # Slide-to-slide variability of the staining: one factor per stain, per subject and stain.
-    rng = np.random.default_rng([seed, index, 4, spatial_dims, zlib.crc32(stain.encode())])
-    gain = rng.uniform(0.85, 1.15, 3).astype(_F32)
-
-    tissue = _mix(ph, {t: float(t != Tissue.BACKGROUND) for t in Tissue})
-    grain = np.clip(1.0 + 0.12 * texture + 0.10 * fibres, 0.5, 1.5).astype(_F32)
-    haem = _F32(_MATRIX_H[stain]) * _mix(ph, _HAEM_MATRIX) * grain
-    haem += _F32(_NUCLEUS_H[stain]) * nuclei * tissue
-    conc = [haem]
-    if stain == "he":
-        conc.append(_mix(ph, _EOSIN) * grain * (1.0 - 0.6 * nuclei))
-        conc.append(np.zeros_like(haem))
-    else:
-        # DAB sits in the cytoplasm around positive nuclei, granular, fainter between cells.
-        halo = defocus(torch.from_numpy(nuclei.reshape(1, *ph.size)), 1.5, kind="gaussian")
-        halo = halo.numpy().reshape(-1)
-        halo *= _F32(1.0 / max(float(halo.max()), 1e-6))
-        conc.append(np.zeros_like(haem))
-        conc.append(_mix(ph, _DAB) * grain * (0.55 + 0.9 * halo) * (1.0 - 0.5 * nuclei))
-    # Beer-Lambert: transmitted light exp(-sum_i c_i * od_i) per channel (colour deconvolution
-    # model of Ruifrok & Johnston, Anal. Quant. Cytol. Histol. 23(4), 2001).
-    od = np.stack(conc) * gain[:, None]  # (3 stains, N)
-    rgb = np.exp(-(_STAIN_OD.T.astype(_F32) @ od))  # (3 channels, N)
-    if noise_std > 0:
-        noise_rng = np.random.default_rng(
-            [seed, index, 5, spatial_dims, zlib.crc32(stain.encode())]
-        )
-        rgb += noise_rng.standard_normal(rgb.shape, dtype=_F32) * _F32(noise_std)
-    return np.clip(rgb, 0.0, 1.0).astype(_F32).reshape(3, *ph.size)
-
-
-def _check_stain(stain: str) -> str:
-    if stain not in STAINS:
-        raise ValueError(f"unknown stain {stain!r}; valid stains are: {', '.join(STAINS)}")
-    return stain
-
-
-def stain_phantom(
-    spatial_dims: int,
-    size: int | Sequence[int],
-    index: int = 0,
-    seed: int = 0,
-    stain: str = "he",
-    lesions: int | tuple[int, int] = (0, 3),
-    noise_std: float = 0.0,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Renders the anatomy of one head phantom as a stained histology-like section (RGB).
-
-    The tissue is the label map of :func:`head_phantom_labels` for the same ``(seed, index)``,
-    seen as a section on a white slide. Each stain has a concentration per tissue, and the colour
-    follows the colour-deconvolution model of Ruifrok & Johnston (2001): Beer-Lambert absorption,
-    ``rgb = exp(-sum_i c_i * od_i)`` with ``od_i`` the optical-density vector of stain ``i``
-    (haematoxylin, eosin, DAB):
-
-    - ``"he"``: H&E -- haematoxylin (blue-purple) nuclei scattered with a tissue-dependent density
-      (dense in grey matter and lesions, none in CSF), eosin (pink) cytoplasm and matrix, strong in
-      bone and white matter;
-    - ``"ihc"``: immunohistochemistry -- DAB (brown) in the *positive* tissue, grey matter and
-      (strongly) lesions, on a light haematoxylin counterstain.
-
-    The nuclei and textures depend only on ``(seed, index)``, so the two stains of one subject
-    are pixel-aligned: an H&E→IHC pair like those of BCI (Liu et al., "BCI: Breast cancer
-    immunohistochemical image generation through pyramid pix2pix", CVPR Workshops 2022), which
-    are consecutive sections. Each stain's overall strength varies by ±15% per subject.
-
-    Args:
-        spatial_dims: 2 for a section, 3 for a stack of sections.
-        size: grid size, one int for every axis or one per axis.
-        index: subject index (non-negative).
-        seed: dataset seed (non-negative).
-        stain: ``"he"`` or ``"ihc"``.
-        lesions: white-matter lesion count: an int, or an inclusive ``(low, high)`` range.
-        noise_std: standard deviation of additive Gaussian noise per RGB channel (then clipped).
-        dtype: floating dtype of the result.
-
-    Returns:
-        Tensor of shape ``(3, *size)`` (RGB) with values in ``[0, 1]``.
-
-    Raises:
-        ValueError: unknown stain or another bad argument.
-    """
-    _check_stain(stain)
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std must be non-negative, got {noise_std}")
-    ph = _evaluate(spatial_dims, size, index, seed, lesions, smooth=True)
-    seed, index = _check_ids(seed, index)
-    rgb = _stain_rgb(ph, stain, seed, index, spatial_dims, float(noise_std))
-    return torch.from_numpy(rgb).to(dtype)
-
-
-#: Kinds of pair produced by :class:`PairedPhantomDataset`.
-PAIRS: tuple[str, ...] = ("contrast", "defocus", "stain")
-
-
-def _rician(image: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-    """The magnitude of ``image`` plus complex Gaussian noise (as :func:`head_phantom`), clipped."""
-    noise = rng.standard_normal((2, *image.shape), dtype=_F32) * _F32(noise_std)
-    return np.clip(np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2), 0.0, 1.0)
-
-
-class PairedPhantomDataset(Dataset):
-    """A map-style dataset of aligned image pairs for image-to-image translation.
-
-    Item ``i`` shows subject ``(seed, offset + i)`` twice, pixel-aligned:
-
-    - ``pair="contrast"``: ``a`` in MR contrast ``source``, ``b`` in ``target`` (e.g. T1 → T2),
-      one label map (see :func:`head_phantom`); ``(1, *size)`` each.
-    - ``pair="defocus"``: ``a`` the ``source`` contrast blurred by :func:`defocus` (disk of radius
-      ``strength`` pixels), ``b`` the same image in focus -- the restoration direction, as in
-      COMI; ``(1, *size)``. Noise, if any, is drawn independently for each.
-    - ``pair="stain"``: ``a`` an H&E-like, ``b`` an IHC-like colouring of one section (see
-      :func:`stain_phantom`), as in BCI; ``(3, *size)`` in ``[0, 1]``. ``source`` and ``target``
-      are not used.
-
-    Args:
-        spatial_dims: 2 or 3.
-        size: grid size, one int for every axis or one per axis.
-        length: number of subjects.
-        seed: dataset seed.
-        pair: ``"contrast"``, ``"defocus"`` or ``"stain"``.
-        source: contrast of ``a`` (and of both images of a defocus pair).
-        target: contrast of ``b`` in a contrast pair.
-        strength: defocus disk radius in pixels.
-        offset: index of the first subject (disjoint ranges for disjoint splits).
-        lesions: white-matter lesion count: an int, or an inclusive ``(low, high)`` range.
-        noise_std: noise level (Rician for MR-like images, additive Gaussian for stains).
-        unpaired: show ``b`` of another subject (``(i + length // 2) % length``), so the pairs
-            are not aligned: training data for unpaired methods such as CycleGAN.
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int = 2,
-        size: int | Sequence[int] = 64,
-        length: int = 256,
-        seed: int = 0,
-        pair: str = "contrast",
-        source: str = "t1",
-        target: str = "t2",
-        strength: float = 2.0,
-        offset: int = 0,
-        lesions: int | tuple[int, int] = (0, 3),
-        noise_std: float = 0.0,
-        unpaired: bool = False,
-    ):
-        if pair not in PAIRS:
-            raise ValueError(f"unknown pair kind {pair!r}; valid kinds are: {', '.join(PAIRS)}")
-        if pair in ("contrast", "defocus"):
-            _contrast_table(source)
-        if pair == "contrast":
-            _contrast_table(target)
-        strength = float(strength)
-        if not (math.isfinite(strength) and strength >= 0):
-            raise ValueError(f"strength must be a non-negative number of pixels, got {strength}")
-        self.size = _as_size(spatial_dims, size)
-        self.length, self.offset = operator.index(length), operator.index(offset)
-        self.seed = _check_ids(seed, self.offset)[0]
-        if self.length < 0:
-            raise ValueError(f"length must be non-negative, got {length}")
-        _lesion_count(lesions, np.random.default_rng(0))  # validates early
-        if not noise_std >= 0:
-            raise ValueError(f"noise_std must be non-negative, got {noise_std}")
-        self.spatial_dims = spatial_dims
-        self.pair, self.source, self.target = pair, source, target
-        self.strength = strength
-        self.lesions = lesions if isinstance(lesions, int) else tuple(lesions)
-        self.noise_std = float(noise_std)
-        self.unpaired = bool(unpaired)
-
-    @property
-    def channels(self) -> int:
-        """Channels of ``a`` and ``b``: 3 for stain pairs, else 1."""
-        return 3 if self.pair == "stain" else 1
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        """Returns ``{"a": (C, *size), "b": (C, *size), "index": subject index}`` (float32)."""
-        i = operator.index(i)
-        if not 0 <= i < self.length:
-            raise IndexError(
-                f"index {i} out of range for a PairedPhantomDataset of length {self.length}"
-            )
-        index = self.offset + i
-        a, b = self._images(index)
-        if self.unpaired and self.length > 1:
-            b = self._images(self.offset + (i + self.length // 2) % self.length)[1]
-        return {
-            "a": torch.from_numpy(np.ascontiguousarray(a, dtype=_F32)),
-            "b": torch.from_numpy(np.ascontiguousarray(b, dtype=_F32)),
-            "index": index,
-        }
-
-    def _images(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The aligned ``(a, b)`` arrays of subject ``index``."""
-        seed, dims = self.seed, self.spatial_dims
-        ph = _evaluate(dims, self.size, index, seed, self.lesions, smooth=True)
-        if self.pair == "contrast":
-            a = _shade(ph, self.source, seed, index, dims, self.noise_std, 0.0)
-            b = _shade(ph, self.target, seed, index, dims, self.noise_std, 0.0)
-        elif self.pair == "defocus":
-            sharp = _shade(ph, self.source, seed, index, dims, 0.0, 0.0)
-            blurred = defocus(torch.from_numpy(sharp), self.strength).numpy()
-            a, b = blurred, sharp
-            if self.noise_std > 0:
-                a = _rician(a, self.noise_std, np.random.default_rng([seed, index, 6, dims, 0]))
-                b = _rician(b, self.noise_std, np.random.default_rng([seed, index, 6, dims, 1]))
-        else:
-            parts = _stain_textures(ph, seed, index, dims)
-            a = _stain_rgb(ph, "he", seed, index, dims, self.noise_std, parts)
-            b = _stain_rgb(ph, "ihc", seed, index, dims, self.noise_std, parts)
-        return a, b
