@@ -95,6 +95,9 @@ def save_pretrained(
         sub = model.get_submodule(name)
         for key, value in sub.state_dict().items():
             state[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    from medgen.utils.numerics import check_finite_state
+
+    check_finite_state(state, f"the export '{directory / WEIGHTS_NAME}'")
     cls = type(model)
     config = {
         "format": FORMAT,

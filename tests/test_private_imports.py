@@ -19,18 +19,8 @@ from pathlib import Path
 #: The package's source folder; found from this file, so that nothing is imported.
 PACKAGE = Path(__file__).resolve().parents[1] / "medgen"
 
-#: ``(importing file, imported module, name)`` that may stay for now. Keep this EMPTY except for
-#: uses in files that the change introducing this test was not allowed to edit.
-ALLOWED: frozenset[tuple[str, str, str]] = frozenset(
-    {
-        # to be removed by the redesign follow-up: use BufferSnapshot / tracked_stat_buffers
-        # from medgen.nn.checkpointing
-        ("medgen/models/translation.py", "medgen.nets.translation", "_BufferSnapshot"),
-        ("medgen/models/translation.py", "medgen.nets.translation", "_tracked_stat_buffers"),
-        # to be removed by the redesign follow-up: make _bcast public in medgen.diffusion.schedules
-        ("medgen/diffusion/objectives.py", "medgen.diffusion.schedules", "_bcast"),
-    }
-)
+#: ``(importing file, imported module, name)`` that may stay for now: none (keep it that way).
+ALLOWED: frozenset[tuple[str, str, str]] = frozenset()
 
 
 def _is_private(name: str) -> bool:

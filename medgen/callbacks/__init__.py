@@ -1,7 +1,9 @@
-"""Lightning callbacks: EMA of one submodule, image/volume logging, RNG state."""
+"""Lightning callbacks: EMA of one submodule, image/volume logging, RNG state, numerical guard."""
 
+from medgen.callbacks.csv_logger import CSVLogger
 from medgen.callbacks.ema import EMA
+from medgen.callbacks.guard import NonFiniteError, NumericalGuard
 from medgen.callbacks.image_logger import ImageLogger
 from medgen.callbacks.rng import RNGState
 
-__all__ = ["EMA", "ImageLogger", "RNGState"]
+__all__ = ["CSVLogger", "EMA", "ImageLogger", "NonFiniteError", "NumericalGuard", "RNGState"]

@@ -6,6 +6,7 @@ central orthogonal slices of every volume, plus the volumes themselves as NIfTI.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,9 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid
 
-from medgen.data.io import write
+from medgen.data.io import MedgenIOError, write
+
+log = logging.getLogger("medgen")
 
 
 def _to_unit(images: torch.Tensor, value_range: Sequence[float]) -> torch.Tensor:
@@ -157,9 +160,13 @@ class ImageLogger(L.Callback):
                 affines = batch_affines if same else output_affine(pl_module)
                 if self.output_units == "data":
                     volumes = to_data_units(pl_module, images.clamp(*value_range))
-            self.written += write_image_set(
-                images, folder, tag, value_range, affines=affines, volumes=volumes
-            )
+            try:
+                self.written += write_image_set(
+                    images, folder, tag, value_range, affines=affines, volumes=volumes
+                )
+            except MedgenIOError as err:  # e.g. NaN outputs of a diverging model: log, go on
+                log.warning("validation images %s not written: %s", tag, err)
+                continue
             if tb is not None:
                 tb.add_image(f"val/{name}", image_grid(images, value_range), trainer.global_step)
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from medgen.diffusion.schedules import NoiseSchedule, _bcast
+from medgen.diffusion.schedules import NoiseSchedule, broadcast_to_batch
 
 __all__ = [
     "LOSSES",
@@ -213,7 +213,7 @@ class DiffusionObjective:
             t: Integer timesteps ``(B,)``.
             schedule: The noise schedule.
         """
-        alpha_bar = _bcast(schedule.alpha_bar(t).expand(x0.shape[0]), x0)
+        alpha_bar = broadcast_to_batch(schedule.alpha_bar(t).expand(x0.shape[0]), x0)
         per_sample = _pointwise(pred, self.target(x0, noise, alpha_bar), self.loss)
         weights = self.weights(schedule, t.expand(x0.shape[0]))
         if weights is not None:
@@ -280,7 +280,7 @@ class RectifiedFlowObjective:
     @staticmethod
     def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t = (1 - t) x_0 + t eps`` for times ``t`` ``(B,)``."""
-        t = _bcast(t.expand(x0.shape[0]), x0)
+        t = broadcast_to_batch(t.expand(x0.shape[0]), x0)
         return (1.0 - t) * x0 + t * noise
 
     @staticmethod

@@ -136,7 +136,7 @@ def make_betas(
     return _betas_from_alpha_bar(alpha_bar, max_beta).float()
 
 
-def _bcast(values: Tensor, like: Tensor) -> Tensor:
+def broadcast_to_batch(values: Tensor, like: Tensor) -> Tensor:
     """``(B,)`` -> ``(B, 1, ..., 1)`` to broadcast against ``like`` ``(B, C, *spatial)``."""
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
@@ -204,7 +204,7 @@ class NoiseSchedule(nn.Module):
         Returns:
             ``x_t``, same shape as ``x0``.
         """
-        a = _bcast(self.alpha_bar(t).expand(x0.shape[0]), x0)
+        a = broadcast_to_batch(self.alpha_bar(t).expand(x0.shape[0]), x0)
         return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
     def sample_timesteps(self, batch_size: int, device: torch.device | None = None) -> Tensor:

@@ -35,7 +35,8 @@ from medgen.models.adversarial import (
     zero_step_counter,
 )
 from medgen.models.base import TRANSLATE
-from medgen.nets.translation import _BufferSnapshot, _tracked_stat_buffers, init_weights
+from medgen.nets.translation import init_weights
+from medgen.nn.checkpointing import BufferSnapshot, tracked_stat_buffers
 from medgen.utils.image_pool import ImagePool
 
 #: GAN modes of the reference code (the deprecated ``gan_mode``), and the ``adv_loss`` of each.
@@ -93,7 +94,7 @@ def inference_mode(net: nn.Module, deterministic: bool = True) -> Iterator[nn.Mo
     restored on exit, so inference never changes the model.
     """
     was_training = net.training
-    snapshot = _BufferSnapshot(_tracked_stat_buffers([net]))
+    snapshot = BufferSnapshot(tracked_stat_buffers([net]))
     snapshot.__enter__()
     net.train(not deterministic)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from medgen.models.base import SAMPLE
 from medgen.pretrained import load, load_checkpoint_file
 from medgen.runs.composition import register_resolvers
 from medgen.runs.sampling import write_samples
-from medgen.utils.files import ensure_writable_dir, write_json
+from medgen.utils.files import ensure_writable_dir, remove_stale_temporaries, write_json
 from medgen.utils.instantiate import instantiate, to_plain
 
 log = logging.getLogger("medgen")
@@ -38,6 +39,27 @@ def _resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
     return str(path)
 
 
+def _launched_rank() -> int:
+    """The global rank this process was launched as (0 unless torchrun/SLURM/Lightning set one)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(key)
+        if value and value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def _check_fresh_start(cfg: DictConfig, checkpoint_dir: Path, resuming: bool) -> None:
+    """Refuse to start a new run over another run's checkpoints (it would mix the two)."""
+    last = checkpoint_dir / "last.ckpt"
+    if resuming or not last.is_file() or cfg.get("overwrite", False):
+        return
+    raise FileExistsError(
+        f"'{last}' exists: this output folder holds an earlier run. Continue it with resume=last, "
+        "choose another paths.output_dir, or pass overwrite=true to start afresh in it (its "
+        "checkpoints are then replaced)"
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the model described by ``cfg`` (a composed ``train`` config).
 
@@ -45,16 +67,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``metrics.json`` (final validation metrics), ``model/`` (exported model, EMA weights when an
     EMA callback ran) and ``samples/`` (validation images and ``cfg.num_samples`` samples).
 
+    Before anything is built, the config's value types are checked against the targets'
+    signatures (an error names every wrong key); the output folder is locked against a second
+    live run (``.medgen.lock``); and a new run refuses a folder that holds another run's
+    ``last.ckpt`` unless ``resume=last`` or ``overwrite=true``.
+
     Returns:
         ``{"metrics": {...}, "output_dir", "checkpoint", "model_dir", "samples": [...]}``.
     """
+    from medgen.runs.validation import check_config
+    from medgen.utils.lock import RunLock
+
+    register_resolvers()
+    check_config(cfg)
+    output_dir = ensure_writable_dir(cfg.paths.output_dir)
+    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
+    if _launched_rank() > 0:  # the other ranks of a torchrun/SLURM/Lightning DDP launch
+        return _fit(cfg, output_dir, checkpoint_dir)
+    with RunLock(output_dir):
+        _check_fresh_start(cfg, checkpoint_dir, cfg.get("resume") not in (None, "", "null"))
+        if checkpoint_dir.is_dir():
+            remove_stale_temporaries(checkpoint_dir)  # left by a process killed mid-write
+        return _fit(cfg, output_dir, checkpoint_dir)
+
+
+def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
     import lightning as L
 
     from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
+    from medgen.callbacks.csv_logger import CSVLogger, trim_metrics_csv
 
-    register_resolvers()
-    output_dir = ensure_writable_dir(cfg.paths.output_dir)
-    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
     ckpt_path = _resolve_resume(cfg.get("resume"), checkpoint_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -62,6 +104,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all")
     callbacks = _build_list(cfg.get("callbacks"))
     loggers = _build_list(cfg.get("logger"))
+    if ckpt_path is not None:  # rows logged after the checkpoint are logged again
+        step = int(load_checkpoint_file(ckpt_path).get("global_step", 0))
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                trim_metrics_csv(Path(logger.log_dir) / "metrics.csv", step)
     trainer_cfg = to_plain(cfg.trainer)
     trainer_cfg.setdefault("plugins", [])
     trainer_cfg["plugins"] = [*trainer_cfg["plugins"], AtomicCheckpointIO()]
@@ -79,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")
     }
-    write_json(metrics, output_dir / "metrics.json")
+    write_json(metrics, output_dir / "metrics.json")  # NaN/Inf become null, with a warning
     result["metrics"] = metrics
     if cfg.get("export", True):
         model_dir = Path(cfg.paths.model_dir)

@@ -88,7 +88,7 @@ TARGETS: dict[str, str] = {
         "ScaleRange",
     ),
     # callbacks, schedules
-    **_table("medgen.callbacks", "EMA", "ImageLogger", "RNGState"),
+    **_table("medgen.callbacks", "CSVLogger", "EMA", "ImageLogger", "NumericalGuard", "RNGState"),
     **_table("medgen.utils.schedulers", "lr_policy"),
     # optimisers and learning-rate schedulers (LBFGS needs a closure; LambdaLR-style schedulers
     # take arbitrary callables: both left out)
@@ -201,6 +201,8 @@ ALIASES: dict[str, str] = {
             ("ema", "EMA"),
             ("image_logger", "ImageLogger"),
             ("rng", "RNGState"),
+            ("guard", "NumericalGuard"),
+            ("csv_logger", "CSVLogger"),
         ]
     },
     "pytorch_lightning.Trainer": "lightning.pytorch.Trainer",

@@ -1,0 +1,223 @@
+"""Runs that survive: NaN, two runs on one folder, reruns, resumes, bad config types, disks, kills.
+
+Each test reproduces a failure a user met (the issue "Runs that survive and scale", item 0) and
+checks that the last good checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import medgen
+from medgen.callbacks import NonFiniteError, NumericalGuard
+from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
+from medgen.runs.validation import ConfigTypeError
+from medgen.utils.files import DiskWriteError, write_json
+from medgen.utils.lock import FolderInUseError, RunLock
+from tests.conftest import tiny_overrides
+from tests.helpers import cpu_trainer, phantom_images
+
+
+def _tiny(path, *extra):
+    return medgen.compose("train", [*tiny_overrides(path), "num_samples=0", *extra])
+
+
+# --------------------------------------------------------------------------- non-finite values
+
+
+def test_a_nan_learning_rate_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    medgen.train(_tiny(run, "export=false"))
+    good = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    # A fresh run in the same folder (a resumed one keeps the checkpoint's learning rate).
+    with pytest.raises(NonFiniteError, match=r"step \d+: validation gives non-finite val/"):
+        medgen.train(
+            _tiny(run, "overwrite=true", "trainer.max_epochs=2", "model.optimizer.lr=1e30")
+        )
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == good["global_step"]
+    for key, value in after["state_dict"].items():
+        assert torch.isfinite(value).all() if value.is_floating_point() else True, key
+        torch.testing.assert_close(value, good["state_dict"][key], rtol=0, atol=0)
+    assert not (run / "model").exists()  # no export of a diverged model
+    json.loads((run / "metrics.json").read_text())  # the first run's, still valid JSON
+
+
+class _NanBatches(torch.utils.data.Dataset):
+    """Phantom images whose items ``bad`` are all NaN, with file-like names."""
+
+    def __init__(self, bad: set[int]) -> None:
+        self.images, self.bad = phantom_images(2, 16, 4), bad
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[i % 4].clone()
+        if i in self.bad:
+            image.fill_(float("nan"))
+        return {"image": image, "path": f"/data/slice_{i:03d}.png"}
+
+
+def _vae():
+    from medgen.models import VAE
+
+    return VAE(net={"channels": [4, 8], "norm_num_groups": 4}, kl_warmup_steps=0)
+
+
+def test_a_nan_batch_is_skipped_and_training_goes_on():
+    model = _vae()
+    guard = NumericalGuard(max_bad_steps=2)
+    loader = torch.utils.data.DataLoader(_NanBatches({2, 3}), batch_size=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu_trainer(max_epochs=1, callbacks=[guard], limit_val_batches=0).fit(model, loader)
+    assert guard.skipped == 1 and guard.bad_steps == 0  # batch 1 (items 2, 3) skipped
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert any(not torch.equal(state[k], before[k]) for k in before)  # the others trained
+
+
+def test_consecutive_nan_batches_stop_naming_step_terms_and_files():
+    model = _vae()
+    loader = torch.utils.data.DataLoader(_NanBatches({2, 3, 4, 5}), batch_size=2)
+    trainer = cpu_trainer(max_epochs=1, callbacks=[NumericalGuard(2)], limit_val_batches=0)
+    with pytest.raises(NonFiniteError) as info:
+        trainer.fit(model, loader)
+    message = str(info.value)
+    assert "step 3: 2 consecutive steps" in message  # global step at the end of batch 2
+    assert "train/loss" in message or "non-finite terms" in message
+    assert "/data/slice_004.png" in message and "/data/slice_005.png" in message
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    model = _vae()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="refusing to write the export"):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(NonFiniteError, match="refusing to write checkpoint"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": model.state_dict()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))
+
+
+def test_metrics_json_is_valid_json_with_nan(tmp_path):
+    path = write_json({"val/psnr": float("nan"), "val/ssim": 0.5}, tmp_path / "metrics.json")
+    assert json.loads(path.read_text()) == {"val/psnr": None, "val/ssim": 0.5}
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_a_second_live_run_on_one_folder_is_refused_naming_the_first(tmp_path):
+    with (
+        RunLock(tmp_path, "medgen-train"),
+        pytest.raises(FolderInUseError, match=rf"in use by process {os.getpid()}"),
+    ):
+        medgen.train(_tiny(tmp_path))
+    assert not (tmp_path / ".medgen.lock").exists()
+    # a lock left by a process that has ended is taken over
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    pid = int(dead.stdout)
+    (tmp_path / ".medgen.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".medgen.lock").read_text())["pid"] == os.getpid()
+
+
+def test_rerun_without_resume_is_refused_and_resume_keeps_last_ckpt_and_curves(tmp_path):
+    run = tmp_path / "run"
+    medgen.train(_tiny(run, "export=false"))
+    with pytest.raises(FileExistsError, match="resume=last"):
+        medgen.train(_tiny(run))
+    metrics_csv = run / "logs" / "csv" / "metrics.csv"
+    first_steps = {row["step"] for row in csv.DictReader(metrics_csv.open())}
+    moved = tmp_path / "moved"
+    run.rename(moved)  # a run folder moved between the interruption and the resume
+    medgen.train(_tiny(moved, "resume=last", "trainer.max_epochs=2", "export=false"))
+    checkpoints = sorted(p.name for p in (moved / "checkpoints").glob("last*.ckpt"))
+    assert checkpoints == ["last.ckpt"]  # never last-v1.ckpt
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    rows = list(csv.DictReader((moved / "logs" / "csv" / "metrics.csv").open()))
+    steps = [row["step"] for row in rows]
+    assert first_steps <= set(steps)  # the curves of the first run are kept
+    assert max(int(s) for s in steps) > max(int(s) for s in first_steps)
+    medgen.train(_tiny(moved, "overwrite=true", "export=false"))  # explicitly afresh
+
+
+def test_config_types_are_checked_before_anything_is_built(tmp_path):
+    with pytest.raises(ConfigTypeError) as info:
+        medgen.train(_tiny(tmp_path, "trainer.max_epochs=abc", "data.batch_size=four"))
+    message = str(info.value)
+    assert "trainer.max_epochs='abc' must be an integer or null" in message
+    assert "data.batch_size='four' must be an integer" in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_json({"a": 1}, tmp_path / "m.json")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        path = write_json({"a": 1}, tmp_path / "private.json")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, path)
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskWriteError, match=r"cannot write '.*last.ckpt': no space left"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(1)}}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].item() == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, path)
+    script = textwrap.dedent(
+        f"""
+        import time, torch
+        from medgen.utils.files import atomic_path
+        with atomic_path({str(path)!r}) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(b"half a checkpoint")
+                handle.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].sum() == 3
+    from medgen.utils.files import remove_stale_temporaries
+
+    assert len(remove_stale_temporaries(tmp_path)) == 1  # what medgen-train cleans at start
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
