@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import lightning as L
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
 from medgen.runs.validation import ConfigTypeError
 from medgen.utils.files import DiskWriteError, write_json
 from medgen.utils.lock import FolderInUseError, RunLock
+from medgen.utils.targets import register_target
 from tests.conftest import tiny_overrides
 from tests.helpers import cpu_trainer, phantom_images
 
@@ -221,3 +223,50 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
 
     assert len(remove_stale_temporaries(tmp_path)) == 1  # what medgen-train cleans at start
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# --------------------------------------------------------------------------- pre-emption
+
+
+class _Signal(L.Callback):
+    """Sends this process ``sig`` after global step ``at`` (what SLURM does on pre-emption)."""
+
+    def __init__(self, at: int, sig: str = "SIGTERM") -> None:
+        self.at, self.sig = at, sig
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), getattr(signal, self.sig))
+
+
+register_target(_Signal, "tests.test_run_faults._Signal")
+
+
+PREEMPTION_RUN = ["export=false", "data.train.length=16", "trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Two epochs of 4 batches, uninterrupted (shared by the signal variants)."""
+    return medgen.train(_tiny(tmp_path_factory.mktemp("straight"), *PREEMPTION_RUN))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_saves_last_ckpt_and_resume_continues_bit_exactly(sig, straight_run, tmp_path):
+    extra = PREEMPTION_RUN
+    straight = straight_run
+    signalled = [
+        "+callbacks.signal._target_=tests.test_run_faults._Signal",
+        "+callbacks.signal.at=3",
+        f"+callbacks.signal.sig={sig}",
+    ]
+    with pytest.raises(SystemExit):  # stopped in the middle of epoch 0
+        medgen.train(_tiny(tmp_path / "cut", *extra, *signalled))
+    saved = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 3)
+    resumed = medgen.train(_tiny(tmp_path / "cut", *extra, "resume=last"))
+    a = torch.load(straight["checkpoint"], weights_only=True)
+    b = torch.load(resumed["checkpoint"], weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)

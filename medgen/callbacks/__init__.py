@@ -4,6 +4,15 @@ from medgen.callbacks.csv_logger import CSVLogger
 from medgen.callbacks.ema import EMA
 from medgen.callbacks.guard import NonFiniteError, NumericalGuard
 from medgen.callbacks.image_logger import ImageLogger
+from medgen.callbacks.preemption import Preemption
 from medgen.callbacks.rng import RNGState
 
-__all__ = ["CSVLogger", "EMA", "ImageLogger", "NonFiniteError", "NumericalGuard", "RNGState"]
+__all__ = [
+    "CSVLogger",
+    "EMA",
+    "ImageLogger",
+    "NonFiniteError",
+    "NumericalGuard",
+    "Preemption",
+    "RNGState",
+]

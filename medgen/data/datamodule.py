@@ -33,7 +33,13 @@ class EpochShuffleSampler(Sampler[int]):
         #: Give this to the DataLoader as ``generator``: it draws the workers' base seed, which
         #: then also depends on (seed, epoch) only, and the global RNG is left untouched.
         self.loader_generator = torch.Generator()
+        self._skip = 0
         self.set_epoch(0)
+
+    def skip_once(self, count: int) -> None:
+        """Leave out the first ``count`` indices of the next iteration (a resumed epoch's batches
+        that ran before the checkpoint), so the rest of the epoch sees the data it would have."""
+        self._skip = max(0, int(count))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -44,7 +50,9 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
 
     def __len__(self) -> int:
         return self.length
@@ -175,7 +183,7 @@ class MedicalDataModule(L.LightningDataModule):
             return []  # Lightning skips the loop for an empty loader list
         batch_size = self.batch_size if split == "train" else self.val_batch_size
         sampler = EpochShuffleSampler(len(dataset), self.seed, dataset) if shuffle else None
-        return DataLoader(
+        loader = DataLoader(
             dataset,
             batch_size=min(batch_size, len(dataset)) if not shuffle else batch_size,
             sampler=sampler,
@@ -185,6 +193,24 @@ class MedicalDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             drop_last=self.drop_last and shuffle and len(dataset) > batch_size,
         )
+        if sampler is not None:
+            done = self._batches_done_in_epoch()
+            if 0 < done < len(loader):  # resuming a checkpoint saved mid-epoch
+                sampler.skip_once(batch_size * done)
+        return loader
+
+    def _batches_done_in_epoch(self) -> int:
+        """Training batches of the current epoch that ran before the checkpoint being resumed.
+
+        Lightning restores its loop state before it asks for the loaders; resuming a checkpoint
+        saved mid-epoch (on pre-emption) continues that epoch where it stopped.
+        """
+        trainer = getattr(self, "trainer", None)
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        progress = getattr(getattr(loop, "batch_progress", None), "current", None)
+        if progress is None or not getattr(trainer.fit_loop, "restarting", False):
+            return 0
+        return int(progress.completed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -88,7 +88,15 @@ TARGETS: dict[str, str] = {
         "ScaleRange",
     ),
     # callbacks, schedules
-    **_table("medgen.callbacks", "CSVLogger", "EMA", "ImageLogger", "NumericalGuard", "RNGState"),
+    **_table(
+        "medgen.callbacks",
+        "CSVLogger",
+        "EMA",
+        "ImageLogger",
+        "NumericalGuard",
+        "Preemption",
+        "RNGState",
+    ),
     **_table("medgen.utils.schedulers", "lr_policy"),
     # optimisers and learning-rate schedulers (LBFGS needs a closure; LambdaLR-style schedulers
     # take arbitrary callables: both left out)
@@ -203,6 +211,7 @@ ALIASES: dict[str, str] = {
             ("rng", "RNGState"),
             ("guard", "NumericalGuard"),
             ("csv_logger", "CSVLogger"),
+            ("preemption", "Preemption"),
         ]
     },
     "pytorch_lightning.Trainer": "lightning.pytorch.Trainer",
