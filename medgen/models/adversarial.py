@@ -87,17 +87,6 @@ class AdversarialModule(GenerativeModule):
         self.automatic_optimization = False
         self.optimizer_d_config = dict(optimizer_d or optimizer_g)
 
-    # ----------------------------------------------------------------- units
-    def to_net(self, x: Tensor) -> Tensor:
-        """Data units -> the nets' [-1, 1]."""
-        low, high = self.value_range
-        return (x - low) * (2.0 / (high - low)) - 1.0
-
-    def to_data(self, y: Tensor) -> Tensor:
-        """The nets' [-1, 1] -> data units."""
-        low, high = self.value_range
-        return (y + 1.0) * ((high - low) / 2.0) + low
-
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         strategy = getattr(self._trainer, "strategy", None) if self._trainer else None

@@ -125,6 +125,16 @@ class GenerativeModule(L.LightningModule):
         if not getattr(self, "_data_recorded", False):
             self.record_data(batch)
 
+    def to_net(self, x: torch.Tensor) -> torch.Tensor:
+        """Data units (:attr:`value_range`) -> the nets' ``[-1, 1]``."""
+        low, high = self.value_range
+        return (x - low) * (2.0 / (high - low)) - 1.0
+
+    def to_data(self, y: torch.Tensor) -> torch.Tensor:
+        """The nets' ``[-1, 1]`` -> data units (:attr:`value_range`)."""
+        low, high = self.value_range
+        return (y + 1.0) * ((high - low) / 2.0) + low
+
     @property
     def data_range(self) -> float:
         """Width of :attr:`value_range`, the data range used by PSNR and SSIM."""

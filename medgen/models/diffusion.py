@@ -394,17 +394,6 @@ class Diffusion(GenerativeModule):
             self.autoencoder.eval()
         return self
 
-    # ----------------------------------------------------------------- units
-    def to_net(self, x: Tensor) -> Tensor:
-        """Data units -> ``[-1, 1]``."""
-        low, high = self.value_range
-        return (x - low) * (2.0 / (high - low)) - 1.0
-
-    def to_data(self, y: Tensor) -> Tensor:
-        """``[-1, 1]`` -> data units."""
-        low, high = self.value_range
-        return (y + 1.0) * ((high - low) / 2.0) + low
-
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Images in data units ``(B, C, *spatial)`` -> what the net denoises.
