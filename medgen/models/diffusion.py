@@ -413,13 +413,23 @@ class Diffusion(GenerativeModule):
         return z * self.latent_scale
 
     @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        """What the net denoises -> images in data units (inverse of :meth:`encode`)."""
+    def decode(self, z: Tensor, tiling: Any = None) -> Tensor:
+        """What the net denoises -> images in data units (inverse of :meth:`encode`).
+
+        Latent mode decodes with the autoencoder, tiled as ``tiling`` says (see
+        :class:`~medgen.inference.Tiling`) or, by default, as ``decode_kwargs`` say.
+        """
         if not self.is_latent:
             return self.to_data(z.float())
         autoencoder = self._require_autoencoder()
         z = (z / self.latent_scale).to(self.dtype)
-        return autoencoder.decode(z, **self.decode_kwargs).float()
+        kwargs = dict(self.decode_kwargs)
+        if tiling is None:
+            return autoencoder.decode(z, **kwargs).float()
+        from medgen.inference import Tiling
+
+        kwargs = {k: v for k, v in kwargs.items() if k not in Tiling.fields()}
+        return autoencoder.decode(z, Tiling.from_any(tiling), **kwargs).float()
 
     # ----------------------------------------------------------------- the process
     @property
@@ -718,6 +728,7 @@ class Diffusion(GenerativeModule):
         eta: float | None = None,
         sample_size: int | Sequence[int] | None = None,
         return_latents: bool = False,
+        tiling: Any = None,
     ) -> Tensor:
         """Draw ``num_samples`` images ``(N, C, *spatial)`` in data units.
 
@@ -749,6 +760,9 @@ class Diffusion(GenerativeModule):
             sample_size: Spatial size of the net's input (default: the training size; latent size
                 in latent mode; taken from ``known`` when given).
             return_latents: Latent mode: return the latents instead of decoded images.
+            tiling: Latent mode: how the autoencoder decodes (a :class:`~medgen.inference.Tiling`,
+                its settings as a dict, or a tile size in latent voxels); default
+                ``decode_kwargs``.
 
         Returns:
             ``(N, C, *spatial)`` on the CPU.
@@ -845,7 +859,7 @@ class Diffusion(GenerativeModule):
                     continue
                 if self.clip_sample and not self.is_latent:
                     z = z.clamp(-1.0, 1.0)
-                image = self.decode(z).cpu()
+                image = self.decode(z, tiling).cpu()
                 if known is not None:  # exact known voxels in data units
                     m = mask[sl]
                     image = m * image + (1.0 - m) * known[sl]
