@@ -91,3 +91,16 @@ class RankParameterDump(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dump(trainer, pl_module, "")
+
+
+class DieOnRank(L.Callback):
+    """Kill rank ``rank`` abruptly (``os._exit``) after ``step`` steps: a GPU that falls over."""
+
+    def __init__(self, rank: int = 1, step: int = 1) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        import os
+
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            os._exit(3)

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import lightning as L
 import pytest
@@ -270,3 +271,24 @@ def test_preemption_saves_last_ckpt_and_resume_continues_bit_exactly(sig, straig
     assert a["global_step"] == b["global_step"] == 8
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_dying_ddp_rank_stops_the_run_with_a_clear_error(tmp_path):
+    from medgen.runs.training import RankFailedError
+    from tests.helpers import DieOnRank
+
+    register_target(DieOnRank, "tests.helpers.DieOnRank")
+    cfg = _tiny(
+        tmp_path,
+        "trainer=ddp_cpu",
+        "export=false",
+        "data.train.length=16",
+        "data.batch_size=2",
+        "+callbacks.die._target_=tests.helpers.DieOnRank",
+    )
+    started = time.monotonic()
+    with pytest.raises(
+        RankFailedError, match=r"DDP rank 1 ended with exit code 3; the other ranks"
+    ):
+        medgen.train(cfg)
+    assert time.monotonic() - started < 120  # no hang

@@ -115,7 +115,11 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
     trainer = instantiate(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, _convert_="all"
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception as err:
+        _raise_rank_failure(err, checkpoint_dir)
+        raise
 
     result: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -146,6 +150,26 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
             ]
     log.info("medgen: outputs in %s", output_dir)
     return result
+
+
+class RankFailedError(RuntimeError):
+    """A process of a multi-process run died; the others were stopped."""
+
+
+def _raise_rank_failure(err: BaseException, checkpoint_dir: Path) -> None:
+    """Turn torch.multiprocessing's report of a dead DDP process into a message naming it."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    if not isinstance(err, (ProcessExitedException, ProcessRaisedException)):
+        return
+    last = checkpoint_dir / "last.ckpt"
+    kept = f"the last checkpoint is '{last}'" if last.is_file() else "no checkpoint was written"
+    code = getattr(err, "exit_code", None)
+    how = f"ended with exit code {code}" if code is not None else "raised an error"
+    raise RankFailedError(
+        f"DDP rank {err.error_index} {how}; the other ranks were stopped and {kept} "
+        f"(continue with resume=last). Cause: {str(err).strip().splitlines()[-1]}"
+    ) from err
 
 
 def _export(model, trainer, callbacks: list[Any], last_ckpt: Path, model_dir: Path) -> None:
