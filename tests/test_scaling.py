@@ -150,11 +150,6 @@ def test_lightning_refuses_fsdp_on_cpu():
         L.Trainer(accelerator="cpu", devices=2, strategy=strategy)
 
 
-@pytest.mark.xfail(
-    reason="medgen.runs.memory.fsdp_strategy is not yet in medgen.utils.targets.TARGETS, so "
-    "trainer=fsdp is refused by medgen's instantiate until that one line is added",
-    strict=False,
-)
 def test_fsdp_target_is_on_the_allowlist():
     from medgen.utils.targets import TARGETS
 

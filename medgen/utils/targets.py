@@ -98,6 +98,7 @@ TARGETS: dict[str, str] = {
         "RNGState",
     ),
     **_table("medgen.utils.schedulers", "lr_policy"),
+    **_table("medgen.runs.memory", "fsdp_strategy"),
     # optimisers and learning-rate schedulers (LBFGS needs a closure; LambdaLR-style schedulers
     # take arbitrary callables: both left out)
     **_table(
