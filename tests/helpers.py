@@ -104,3 +104,12 @@ class DieOnRank(L.Callback):
 
         if trainer.global_rank == self.rank and trainer.global_step >= self.step:
             os._exit(3)
+
+
+#: A tiny DiffusionUNet config shared by the diffusion tests.
+TINY_DIFFUSION_NET: dict[str, Any] = {
+    "channels": [8, 16],
+    "attention_levels": [False, True],
+    "num_head_channels": 8,
+    "norm_num_groups": 4,
+}

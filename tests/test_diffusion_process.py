@@ -27,13 +27,9 @@ from medgen.diffusion import (
     predict_x0_eps,
 )
 from medgen.models import Diffusion
+from tests.helpers import TINY_DIFFUSION_NET
 
-TINY_NET = {
-    "channels": [8, 16],
-    "attention_levels": [False, True],
-    "num_head_channels": 8,
-    "norm_num_groups": 4,
-}
+TINY_NET = TINY_DIFFUSION_NET
 CONDITION = {"class_labels": [0, 1]}
 
 

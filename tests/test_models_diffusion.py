@@ -13,14 +13,9 @@ from torch.utils.data import DataLoader
 import medgen
 from medgen.models import VAE, Diffusion
 from medgen.pretrained import CheckpointError
-from tests.helpers import cpu_trainer, cycled_loader, phantom_images
+from tests.helpers import TINY_DIFFUSION_NET, cpu_trainer, cycled_loader, phantom_images
 
-TINY_NET = {
-    "channels": [8, 16],
-    "attention_levels": [False, True],
-    "num_head_channels": 8,
-    "norm_num_groups": 4,
-}
+TINY_NET = TINY_DIFFUSION_NET
 
 
 @pytest.fixture(autouse=True, scope="module")
