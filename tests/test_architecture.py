@@ -29,6 +29,7 @@ LAYERS = {
     "pretrained": 3,
     "models": 4,
     "callbacks": 5,
+    "convert": 5,  # foreign weights -> medgen exports (nets, models, pretrained)
     "runs": 6,
     "api": 7,
     "cli": 7,

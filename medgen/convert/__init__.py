@@ -1,0 +1,201 @@
+"""Convert foreign weights (MONAI generative nets, upstream pix2pix/CycleGAN) into medgen exports.
+
+A converter reads a foreign state dict (``.pt``/``.pth``/``.ckpt`` through
+:func:`medgen.pretrained.safe_torch_load`, or ``.safetensors``; nothing is ever unpickled beyond
+tensors and plain containers), maps it key by key onto the medgen net built at the matching
+configuration, and writes a standard medgen export folder (``config.json`` +
+``model.safetensors``, :func:`medgen.pretrained.save_pretrained`) holding a medgen model family,
+so that ``medgen.load(DST)`` and ``model.init_from=DST`` read it.
+
+Converter signature (every entry of :data:`CONVERTERS` resolves to such a function)::
+
+    def convert_xxx(source: str | os.PathLike, destination: str | os.PathLike,
+                    **net_options: Any) -> pathlib.Path
+
+- ``source``: the foreign weights file;
+- ``destination``: the export folder to write (refused when it already holds an export, so
+  nothing is overwritten);
+- ``net_options``: the foreign net's constructor keyword arguments (e.g. MONAI's
+  ``spatial_dims``, ``channels``, ``attention_levels``...), plain JSON values;
+- returns the export folder. A source that does not fit the configuration raises
+  :class:`ConversionError` naming the first mismatching key and both shapes.
+
+A converter module registers itself by one line in :data:`CONVERTERS` (name ->
+``"module:function"``); names are looked up exactly, never imported from user input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from medgen.pretrained import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, safe_torch_load
+
+__all__ = [
+    "CONVERTERS",
+    "ConversionError",
+    "Converter",
+    "check_destination",
+    "convert",
+    "get_converter",
+    "load_foreign_state",
+    "map_state",
+]
+
+
+class ConversionError(CheckpointError):
+    """Foreign weights do not fit the configuration asked for, or cannot be read."""
+
+
+class Converter(Protocol):
+    """The signature every registered converter has (see the module docstring)."""
+
+    def __call__(
+        self, source: str | os.PathLike, destination: str | os.PathLike, **net_options: Any
+    ) -> Path: ...
+
+
+#: converter name -> "module:function"; resolved by exact lookup only.
+CONVERTERS: dict[str, str] = {
+    "monai-diffusion-unet": "medgen.convert.monai:convert_diffusion_unet",
+    "monai-autoencoderkl": "medgen.convert.monai:convert_autoencoderkl",
+}
+
+
+def get_converter(name: str) -> Converter:
+    """The converter function registered under ``name``.
+
+    Raises:
+        ConversionError: when ``name`` is not in :data:`CONVERTERS` (the known names listed).
+    """
+    if name not in CONVERTERS:
+        raise ConversionError(
+            f"unknown converter {name!r}; known converters: {', '.join(sorted(CONVERTERS))}"
+        )
+    module_name, _, func_name = CONVERTERS[name].partition(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def convert(
+    name: str, source: str | os.PathLike, destination: str | os.PathLike, **net_options: Any
+) -> Path:
+    """Convert ``source`` with the converter ``name`` into the export folder ``destination``.
+
+    Example:
+        ``medgen.convert.convert("monai-diffusion-unet", "unet.pt", "out/unet",
+        spatial_dims=2, in_channels=1, out_channels=1)``
+    """
+    return get_converter(name)(source, destination, **net_options)
+
+
+def load_foreign_state(
+    source: str | os.PathLike, prefixes: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Read a foreign state dict safely (safetensors, or ``torch.load(weights_only=True)``).
+
+    A Lightning/trainer wrapper (``{"state_dict": ...}``, ``{"model": ...}``...) is unwrapped;
+    ``prefixes`` (e.g. ``("module.",)`` from DataParallel) are stripped from every key that has
+    them.
+
+    Raises:
+        ConversionError: naming ``source`` when it is missing, corrupt or holds no tensors.
+    """
+    path = Path(source)
+    if not path.is_file():
+        raise ConversionError(f"foreign weights '{path}' do not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except Exception as err:
+            raise ConversionError(f"'{path}' is corrupt or not a safetensors file: {err}") from err
+    else:
+        try:
+            state = safe_torch_load(path)
+        except CheckpointError as err:
+            raise ConversionError(str(err)) from err
+    for wrapper in ("state_dict", "model", "model_state_dict", "net", "network"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    if not isinstance(state, Mapping) or not state:
+        raise ConversionError(f"'{path}' does not hold a state dict of tensors")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"'{path}': entry {key!r} is not a tensor ({type(value)})")
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[str(key)] = value
+    return out
+
+
+def map_state(
+    source_state: Mapping[str, torch.Tensor],
+    target: torch.nn.Module,
+    key_map: Mapping[str, str],
+    source: str | os.PathLike,
+) -> dict[str, torch.Tensor]:
+    """Rename ``source_state`` by ``key_map`` (target key -> source key) and check it fits.
+
+    Args:
+        source_state: The foreign state dict.
+        target: The medgen net the weights are for.
+        key_map: For every key of ``target.state_dict()``, the foreign key holding its tensor.
+        source: The foreign file (named in errors).
+
+    Returns:
+        A state dict for ``target`` (loadable with ``strict=True``).
+
+    Raises:
+        ConversionError: naming the first foreign key that is missing, unused or whose shape
+            differs (both shapes given).
+    """
+    target_state = target.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, ref in target_state.items():
+        src_key = key_map.get(key, key)
+        if src_key not in source_state:
+            raise ConversionError(
+                f"'{source}' does not match the configuration: it has no {src_key!r} "
+                f"(expected shape {tuple(ref.shape)} for medgen's {key!r})"
+            )
+        value = source_state[src_key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ConversionError(
+                f"'{source}' does not match the configuration: {src_key!r} has shape "
+                f"{tuple(value.shape)} in the file but {tuple(ref.shape)} in the configured "
+                f"net (medgen's {key!r})"
+            )
+        out[key] = value.detach().to(ref.dtype).clone()
+        used.add(src_key)
+    unused = [k for k in source_state if k not in used]
+    if unused:
+        raise ConversionError(
+            f"'{source}' does not match the configuration: {len(unused)} foreign keys have no "
+            f"place in the configured net, first {unused[0]!r} with shape "
+            f"{tuple(source_state[unused[0]].shape)}"
+        )
+    return out
+
+
+def check_destination(destination: str | os.PathLike) -> Path:
+    """Refuse a destination that already holds an export (nothing is overwritten)."""
+    path = Path(destination)
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"destination '{path}' exists and is not a folder")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if (path / name).exists():
+            raise ConversionError(
+                f"destination '{path}' already holds an export ('{name}'); "
+                "choose a new folder (nothing was written)"
+            )
+    return path
