@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import stat
@@ -159,6 +160,20 @@ def test_rerun_without_resume_is_refused_and_resume_keeps_last_ckpt_and_curves(t
     assert first_steps <= set(steps)  # the curves of the first run are kept
     assert max(int(s) for s in steps) > max(int(s) for s in first_steps)
     medgen.train(_tiny(moved, "overwrite=true", "export=false"))  # explicitly afresh
+
+
+def test_resume_auto_starts_then_continues_from_the_newest_loadable_checkpoint(tmp_path, caplog):
+    run = tmp_path / "run"
+    first = medgen.train(_tiny(run, "resume=auto", "export=false"))  # nothing yet: a new run
+    step = torch.load(first["checkpoint"], weights_only=True)["global_step"]
+    # A node died while Lightning wrote its SLURM checkpoint: newer, but not loadable.
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"truncated")
+    with caplog.at_level(logging.INFO, logger="medgen"):
+        medgen.train(_tiny(run, "resume=auto", "trainer.max_epochs=2", "export=false"))
+    assert "skipping" in caplog.text and "hpc_ckpt_1.ckpt" in caplog.text
+    assert f"continuing from '{run / 'checkpoints' / 'last.ckpt'}'" in caplog.text
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (after["epoch"], after["global_step"]) == (1, 2 * step)
 
 
 def test_config_types_are_checked_before_anything_is_built(tmp_path):

@@ -274,6 +274,7 @@ def test_slurm_launcher_renders_submitit_parameters(tmp_path, monkeypatch):
     )
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 4
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    assert cfg.resume == "auto"  # a requeued job continues by itself
     assert (
         OmegaConf.to_container(cfg.paths)["output_dir"]
         == "${hydra:sweep.dir}/${hydra:sweep.subdir}"

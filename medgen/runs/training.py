@@ -31,12 +31,39 @@ def _build_list(node: DictConfig | None) -> list[Any]:
     ]
 
 
-def _resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
+def _resolve_resume(resume: str | None, checkpoint_dir: Path, output_dir: Path) -> str | None:
     if resume in (None, "", "null"):
         return None
+    if resume == "auto":
+        return _latest_checkpoint(checkpoint_dir, output_dir)
     path = checkpoint_dir / "last.ckpt" if resume == "last" else Path(resume)
     load_checkpoint_file(path)  # a clear error for a missing or corrupt file, before training
     return str(path)
+
+
+def _latest_checkpoint(checkpoint_dir: Path, output_dir: Path) -> str | None:
+    """``resume=auto``: the newest loadable of ``last.ckpt`` and Lightning's SLURM checkpoints.
+
+    A requeued SLURM job runs the same command again: with ``resume=auto`` (what
+    ``launcher=slurm`` sets) it continues from whichever was written last, ``checkpoints/last.ckpt``
+    (medgen's pre-emption save) or ``<output_dir>/hpc_ckpt_<n>.ckpt`` (Lightning's SLURM save on
+    SIGUSR1), and starts a new run when neither exists. A file that does not load (a node that
+    died mid-write) is skipped with a warning for the next newest.
+    """
+    candidates = [checkpoint_dir / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = sorted(
+        (p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for path in existing:
+        try:
+            load_checkpoint_file(path)
+        except Exception as err:  # any unreadable file: try the next one
+            log.warning("resume=auto: skipping '%s', which does not load: %s", path, err)
+            continue
+        log.info("resume=auto: continuing from '%s'", path)
+        return str(path)
+    log.info("resume=auto: no checkpoint in '%s'; starting a new run", checkpoint_dir)
+    return None
 
 
 def _launched_rank() -> int:
@@ -97,7 +124,7 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
     from medgen.callbacks.checkpoint_io import AtomicCheckpointIO
     from medgen.callbacks.csv_logger import CSVLogger, trim_metrics_csv
 
-    ckpt_path = _resolve_resume(cfg.get("resume"), checkpoint_dir)
+    ckpt_path = _resolve_resume(cfg.get("resume"), checkpoint_dir, output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
