@@ -369,7 +369,7 @@ def test_experiments_train_export_and_translate(experiment, overrides, tiny, tmp
             "data.train.length=4",
             "data.val.length=2",
             "data.batch_size=2",
-            "+trainer.limit_train_batches=2",
+            "++trainer.limit_train_batches=2",
             "~callbacks.image_logger",
             *overrides,
         ],

@@ -443,6 +443,15 @@ def test_estimate_memory_on_a_tiny_cpu_run(tmp_path):
     assert large["breakdown"] == small["breakdown"]  # the model does not change with the batch
 
 
+def test_memory_estimate_key_reports_and_trains_nothing(tmp_path):
+    cfg = medgen.compose("train", [*tiny_overrides(tmp_path), "memory_estimate=true"])
+    result = medgen.train(cfg)
+    written = json.loads((tmp_path / "memory.json").read_text())
+    assert written["peak_bytes"] == result["memory"]["peak_bytes"] > 0
+    assert written["settings"]["input_shapes"]["image"][0] == cfg.data.batch_size
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
+
+
 def test_estimate_memory_refuses_a_missing_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -38,7 +38,7 @@ NEEDS_AUTOENCODER = {"ldm_3d", "medical_diffusion"}
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in NEEDS_AUTOENCODER])
 def test_fast_dev_run_every_experiment(experiment, tmp_path):
     cfg = medgen.compose(
-        "train", tiny_overrides(tmp_path, experiment) + ["+trainer.fast_dev_run=true"]
+        "train", tiny_overrides(tmp_path, experiment) + ["++trainer.fast_dev_run=true"]
     )
     result = medgen.train(cfg)
     assert (tmp_path / "model" / "model.safetensors").is_file()

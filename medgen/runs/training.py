@@ -97,10 +97,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Before anything is built, the config's value types are checked against the targets'
     signatures (an error names every wrong key); the output folder is locked against a second
     live run (``.medgen.lock``); and a new run refuses a folder that holds another run's
-    ``last.ckpt`` unless ``resume=last`` or ``overwrite=true``.
+    ``last.ckpt`` unless ``resume=last`` or ``overwrite=true``. With ``memory_estimate=true``
+    one training step is measured instead (:func:`medgen.runs.memory.estimate_memory`) and
+    nothing is trained.
 
     Returns:
-        ``{"metrics": {...}, "output_dir", "checkpoint", "model_dir", "samples": [...]}``.
+        ``{"metrics": {...}, "output_dir", "checkpoint", "model_dir", "samples": [...]}``, or
+        with ``memory_estimate=true`` ``{"memory": {...}, "output_dir", "memory_file"}``.
     """
     from medgen.runs.validation import check_config
     from medgen.utils.lock import RunLock
@@ -108,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     register_resolvers()
     check_config(cfg)
     output_dir = ensure_writable_dir(cfg.paths.output_dir)
+    if cfg.get("memory_estimate", False):
+        return _estimate_only(cfg, output_dir)
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
     if _launched_rank() > 0:  # the other ranks of a torchrun/SLURM/Lightning DDP launch
         return _fit(cfg, output_dir, checkpoint_dir)
@@ -116,6 +121,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if checkpoint_dir.is_dir():
             remove_stale_temporaries(checkpoint_dir)  # left by a process killed mid-write
         return _fit(cfg, output_dir, checkpoint_dir)
+
+
+def _estimate_only(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """``memory_estimate=true``: measure one training step, report it, train nothing.
+
+    Runs :func:`medgen.runs.memory.estimate_memory` at the configured sizes on the configured
+    device, logs the peak and its breakdown, and writes them to ``<output_dir>/memory.json``.
+    """
+    from medgen.runs.memory import estimate_memory
+
+    report = estimate_memory(cfg)
+    path = output_dir / "memory.json"
+    write_json(report, path)
+    gib = 2.0**30
+    parts = ", ".join(f"{k} {v / gib:.3f}" for k, v in report["breakdown"].items())
+    log.info(
+        "medgen: one training step of %s on %s (%s, batch %s) peaks at %.3f GiB "
+        "(%s; activations %.3f GiB), %.2f steps/s; method: %s. Written to %s",
+        report["settings"].get("task_name"),
+        report["device"],
+        report["settings"].get("precision"),
+        report["settings"].get("batch_size"),
+        report["peak_gib"],
+        parts,
+        report["saved_tensor_bytes"] / gib,
+        report["steps_per_s"],
+        report["method"],
+        path,
+    )
+    return {"memory": report, "output_dir": str(output_dir), "memory_file": str(path)}
 
 
 def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
