@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -265,6 +266,27 @@ PREEMPTION_RUN = ["export=false", "data.train.length=16", "trainer.max_epochs=2"
 def straight_run(tmp_path_factory):
     """Two epochs of 4 batches, uninterrupted (shared by the signal variants)."""
     return medgen.train(_tiny(tmp_path_factory.mktemp("straight"), *PREEMPTION_RUN))
+
+
+def test_a_sharded_run_exports_from_its_consolidated_checkpoint(straight_run, tmp_path):
+    """Under FSDP rank 0 alone must not gather the in-memory model (the others never join)."""
+    from types import SimpleNamespace
+
+    from medgen.runs.memory import fsdp_strategy
+    from medgen.runs.training import _export
+
+    class _Sharded(torch.nn.Module):
+        def cpu(self):
+            raise AssertionError("touched the sharded in-memory model")
+
+    trainer = SimpleNamespace(strategy=fsdp_strategy(auto_wrap=["medgen.nn.ResBlock"]))
+    ckpt = Path(straight_run["checkpoint"])
+    _export(_Sharded(), trainer, [], ckpt, tmp_path / "model")
+    exported, from_ckpt = medgen.load(tmp_path / "model"), medgen.load(ckpt)  # EMA weights
+    for key, value in from_ckpt.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(RuntimeError, match="consolidated checkpoint"):
+        _export(_Sharded(), trainer, [], tmp_path / "missing.ckpt", tmp_path / "model2")
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])

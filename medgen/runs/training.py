@@ -239,11 +239,21 @@ def _export(model, trainer, callbacks: list[Any], last_ckpt: Path, model_dir: Pa
     from medgen.callbacks import EMA
 
     spawned = getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver")
-    if spawned and last_ckpt.is_file():
-        # Under ddp_spawn the callbacks of this process never saw training: the checkpoint
-        # written by rank 0 holds the trained weights and the EMA shadow.
+    sharded = type(trainer.strategy).__name__.startswith(("FSDP", "ModelParallel", "DeepSpeed"))
+    if (spawned or sharded) and last_ckpt.is_file():
+        # Under ddp_spawn the callbacks of this process never saw training; under FSDP the
+        # in-memory model holds only this rank's shard, and gathering it is a collective that
+        # the other ranks (already past training) would never join. Either way the checkpoint
+        # (consolidated by the strategy, state_dict_type=full) holds the trained weights and
+        # the EMA shadow.
         load(last_ckpt).save_pretrained(model_dir)
         return
+    if sharded:
+        raise RuntimeError(
+            f"cannot export a sharded ({type(trainer.strategy).__name__}) model without its "
+            f"consolidated checkpoint '{last_ckpt}': keep ModelCheckpoint's save_last and "
+            "state_dict_type=full, or export later with medgen.load(<ckpt>).save_pretrained(...)"
+        )
     ema = next((c for c in callbacks if isinstance(c, EMA)), None)
     model = model.cpu()
     if ema is not None:
