@@ -17,7 +17,7 @@ from typing import Any
 from medgen.pretrained import CheckpointError, load
 from medgen.version import __version__
 
-_RUNS = ("compose", "encode", "evaluate", "sample", "train", "write_samples")
+_RUNS = ("compose", "encode", "evaluate", "list_experiments", "sample", "train", "write_samples")
 _SUBPACKAGES = (
     "api",
     "callbacks",
@@ -49,6 +49,7 @@ __all__ = [
     "compose",
     "encode",
     "evaluate",
+    "list_experiments",
     "load",
     "sample",
     "train",

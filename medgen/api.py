@@ -25,6 +25,8 @@ _EXPORTS = {
             "compose",
             "encode",
             "evaluate",
+            "list_configs",
+            "list_experiments",
             "read_references",
             "sample",
             "tiling_from_config",

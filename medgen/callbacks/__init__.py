@@ -5,6 +5,7 @@ from medgen.callbacks.ema import EMA
 from medgen.callbacks.guard import NonFiniteError, NumericalGuard
 from medgen.callbacks.image_logger import ImageLogger
 from medgen.callbacks.preemption import Preemption
+from medgen.callbacks.progress import ProgressBar
 from medgen.callbacks.rng import RNGState
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "NonFiniteError",
     "NumericalGuard",
     "Preemption",
+    "ProgressBar",
     "RNGState",
 ]

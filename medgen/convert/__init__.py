@@ -64,6 +64,8 @@ class Converter(Protocol):
 CONVERTERS: dict[str, str] = {
     "monai-diffusion-unet": "medgen.convert.monai:convert_diffusion_unet",
     "monai-autoencoderkl": "medgen.convert.monai:convert_autoencoderkl",
+    "junyanz-pix2pix": "medgen.convert.junyanz:convert_pix2pix",
+    "junyanz-cyclegan": "medgen.convert.junyanz:convert_cyclegan",
 }
 
 

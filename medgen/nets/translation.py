@@ -89,12 +89,16 @@ def _norm(norm: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
     return get_norm_layer(norm, spatial_dims, channels, instance_affine=False)
 
 
-def _conv_bias(norm: NormSpec, spatial_dims: int) -> bool:
-    """Whether a convolution followed by ``norm`` needs its own bias.
+def _conv_bias(norm: NormSpec, spatial_dims: int, conv_bias: bool | None = None) -> bool:
+    """Whether a convolution followed by ``norm`` has its own bias.
 
-    A bias is redundant before a norm with a learned shift (batch, group, affine instance); it is kept
-    before an identity or a non-affine instance norm.
+    ``conv_bias=None`` decides by the norm: a bias is redundant before a norm with a learned shift
+    (batch, group, affine instance); it is kept before an identity or a non-affine instance norm.
+    ``True``/``False`` force it. Upstream pix2pix/CycleGAN gives these convolutions a bias only
+    before instance norm, so its ``norm=none`` nets have none: ``conv_bias=False`` builds those.
     """
+    if conv_bias is not None:
+        return bool(conv_bias)
     layer = _norm(norm, spatial_dims, 8)
     return getattr(layer, "bias", None) is None
 
@@ -269,6 +273,10 @@ class ResnetGenerator(StagedCheckpointMixin):
         global_residual: Add the input to the output before the final activation (COMI). Needs
             ``in_channels == out_channels``.
         final_act: ``"tanh"`` (default), ``None`` or any :func:`get_act_layer` spec.
+        conv_bias: Whether the convolutions followed by a norm have a bias: ``None`` (default)
+            decides by the norm (none before batch norm, one before non-affine instance norm or
+            no norm); ``False`` with ``norm="none"`` builds upstream pix2pix/CycleGAN's
+            ``norm=none`` nets, whose convolutions have no bias.
         gradient_checkpointing: Recompute activations in the backward pass instead of storing
             them (in training mode with grad enabled only), stage by stage: the 7-conv stem, each
             downsampling, each residual block and each upsampling. Outputs, gradients and batch
@@ -293,6 +301,7 @@ class ResnetGenerator(StagedCheckpointMixin):
         global_residual: bool = False,
         final_act: Any = "tanh",
         gradient_checkpointing: bool = False,
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -310,7 +319,7 @@ class ResnetGenerator(StagedCheckpointMixin):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         conv = conv_nd(spatial_dims)
         mode = _padding_mode(padding_type)
-        bias = _conv_bias(norm, spatial_dims)
+        bias = _conv_bias(norm, spatial_dims, conv_bias)
 
         layers: list[nn.Module] = [
             conv(in_channels, ngf, 7, padding=3, padding_mode=mode, bias=bias),
@@ -410,6 +419,7 @@ class UnetSkipBlock(StagedCheckpointMixin):
         final_act: Activation of the outermost level.
         gradient_checkpointing: Checkpoint this level's down and up stages (in training mode with
             grad enabled only).
+        conv_bias: Bias of the convolutions followed by a norm (see :class:`UnetGenerator`).
     """
 
     def __init__(
@@ -424,13 +434,14 @@ class UnetSkipBlock(StagedCheckpointMixin):
         use_dropout: bool = False,
         final_act: Any = "tanh",
         gradient_checkpointing: bool = False,
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.outermost = outermost
         self.gradient_checkpointing = bool(gradient_checkpointing)
         innermost = submodule is None
         in_channels = outer_channels if in_channels is None else in_channels
-        bias = _conv_bias(norm, spatial_dims)
+        bias = _conv_bias(norm, spatial_dims, conv_bias)
         down_conv = conv_nd(spatial_dims)(
             in_channels, inner_channels, 4, stride=2, padding=1, bias=bias
         )
@@ -495,6 +506,10 @@ class UnetGenerator(nn.Module):
         norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
         use_dropout: Dropout 0.5 in the middle ``8 ngf`` up blocks.
         final_act: ``"tanh"`` (default), ``None`` or any :func:`get_act_layer` spec.
+        conv_bias: Whether the convolutions followed by a norm have a bias: ``None`` (default)
+            decides by the norm (none before batch norm, one before non-affine instance norm or
+            no norm); ``False`` with ``norm="none"`` builds upstream pix2pix/CycleGAN's
+            ``norm=none`` nets, whose convolutions have no bias.
         gradient_checkpointing: Recompute activations in the backward pass instead of storing
             them (in training mode with grad enabled only): every level checkpoints its own down
             and up layers (not the recursion below it, so memory really drops). Outputs, gradients
@@ -516,6 +531,7 @@ class UnetGenerator(nn.Module):
         use_dropout: bool = False,
         final_act: Any = "tanh",
         gradient_checkpointing: bool = False,
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -536,6 +552,7 @@ class UnetGenerator(nn.Module):
                 submodule=block,
                 norm=norm,
                 use_dropout=use_dropout and 4 <= level <= num_downs - 2,
+                conv_bias=conv_bias,
             )
         self.model = UnetSkipBlock(
             spatial_dims,
@@ -546,6 +563,7 @@ class UnetGenerator(nn.Module):
             outermost=True,
             norm=norm,
             final_act=final_act,
+            conv_bias=conv_bias,
         )
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -609,6 +627,10 @@ class NLayerDiscriminator(StagedCheckpointMixin):
         ndf: Width of the first layer.
         n_layers: Number of stride-2 convolutions.
         norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+        conv_bias: Whether the convolutions followed by a norm (all but the first and the last) have a bias: ``None`` (default)
+            decides by the norm (none before batch norm, one before non-affine instance norm or
+            no norm); ``False`` with ``norm="none"`` builds upstream pix2pix/CycleGAN's
+            ``norm=none`` nets, whose convolutions have no bias.
         gradient_checkpointing: Recompute activations in the backward pass instead of storing
             them (in training mode with grad enabled only), one conv stage (conv, norm, LeakyReLU)
             at a time. Outputs, gradients and batch norm running statistics are unchanged. Can be
@@ -625,12 +647,13 @@ class NLayerDiscriminator(StagedCheckpointMixin):
         n_layers: int = 3,
         norm: NormSpec = "batch",
         gradient_checkpointing: bool = False,
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         conv = conv_nd(spatial_dims)
-        bias = _conv_bias(norm, spatial_dims)
+        bias = _conv_bias(norm, spatial_dims, conv_bias)
         specs = patchgan_layers(n_layers)
         layers: list[nn.Module] = []
         starts: list[int] = []  # one checkpointing stage per conv
@@ -687,6 +710,10 @@ class PixelDiscriminator(StagedCheckpointMixin):
         in_channels: Input channels.
         ndf: Width of the first layer.
         norm: ``"batch"`` (default), ``"instance"`` (non-affine), ``"none"``, ... or ``(name, kwargs)``.
+        conv_bias: Whether the second and third convolutions have a bias: ``None`` (default)
+            decides by the norm (none before batch norm, one before non-affine instance norm or
+            no norm); ``False`` with ``norm="none"`` builds upstream pix2pix/CycleGAN's
+            ``norm=none`` nets, whose convolutions have no bias.
         gradient_checkpointing: Recompute activations in the backward pass instead of storing
             them (in training mode with grad enabled only), one conv stage at a time. Outputs,
             gradients and batch norm running statistics are unchanged. Can be toggled later
@@ -702,12 +729,13 @@ class PixelDiscriminator(StagedCheckpointMixin):
         ndf: int = 64,
         norm: NormSpec = "batch",
         gradient_checkpointing: bool = False,
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         conv = conv_nd(spatial_dims)
-        bias = _conv_bias(norm, spatial_dims)
+        bias = _conv_bias(norm, spatial_dims, conv_bias)
         self.model = nn.Sequential(
             conv(in_channels, ndf, 1),
             nn.LeakyReLU(0.2, inplace=True),

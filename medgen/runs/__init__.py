@@ -20,6 +20,8 @@ _EXPORTS = {
     "register_resolvers": "composition",
     "encode": "encoding",
     "evaluate": "evaluation",
+    "list_configs": "discovery",
+    "list_experiments": "discovery",
     "read_references": "sampling",
     "sample": "sampling",
     "write_samples": "sampling",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from datetime import datetime
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONFIG_MODULE", "compose", "register_resolvers"]
+__all__ = ["CONFIG_MODULE", "compose", "register_resolvers", "single_log_output"]
 
 CONFIG_MODULE = "medgen.configs"
 
@@ -20,6 +21,27 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "now", lambda pattern: datetime.now().strftime(pattern), use_cache=True
         )
+
+
+def single_log_output() -> None:
+    """Print each Lightning log line once when the root logger has handlers (Hydra's job log).
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own, and the lines
+    also propagate to the root logger: under Hydra's job logging every INFO line came out twice.
+    With root handlers present, Lightning's own console handlers are removed and its lines go
+    through the root's handlers (console and ``<output_dir>/train.log``); without them (a
+    notebook, a plain script) nothing changes.
+    """
+    import lightning  # noqa: F401 - its import adds the handlers removed here
+
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def compose(
@@ -37,6 +59,9 @@ def compose(
 
     Returns:
         The composed config (without the ``hydra`` node).
+
+    Composing changes neither the working directory nor the logging set-up, and leaves no
+    global Hydra state behind: compose and train as often as you like in one kernel.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module

@@ -95,6 +95,7 @@ TARGETS: dict[str, str] = {
         "ImageLogger",
         "NumericalGuard",
         "Preemption",
+        "ProgressBar",
         "RNGState",
     ),
     **_table("medgen.utils.schedulers", "lr_policy"),
