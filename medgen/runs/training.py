@@ -13,6 +13,7 @@ from medgen.models.base import SAMPLE
 from medgen.pretrained import load, load_checkpoint_file
 from medgen.runs.composition import register_resolvers
 from medgen.runs.sampling import write_samples
+from medgen.runs.validation import preflight_data
 from medgen.utils.files import ensure_writable_dir, remove_stale_temporaries, write_json
 from medgen.utils.instantiate import instantiate, to_plain
 
@@ -102,7 +103,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     nothing is trained.
 
     Returns:
-        ``{"metrics": {...}, "output_dir", "checkpoint", "model_dir", "samples": [...]}``, or
+        ``{"model", "metrics": {...}, "output_dir", "checkpoint", "model_dir", "samples": [...]}``
+        (``model``: the trained module, on the CPU after export), or
         with ``memory_estimate=true`` ``{"memory": {...}, "output_dir", "memory_file"}``.
     """
     from medgen.runs.validation import check_config
@@ -163,6 +165,9 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    # the first training items against data.channels/spatial_dims/value_range, before the model
+    # is built (the model's channels follow the data's when they are ${data.channels})
+    preflight_data(cfg, datamodule)
     model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all")
     callbacks = _build_list(cfg.get("callbacks"))
     loggers = _build_list(cfg.get("logger"))
@@ -186,6 +191,7 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
     result: dict[str, Any] = {
         "output_dir": str(output_dir),
         "checkpoint": str(checkpoint_dir / "last.ckpt"),
+        "model": model,
     }
     if not trainer.is_global_zero:
         return result

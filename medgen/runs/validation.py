@@ -9,11 +9,17 @@ cannot match, by its full key, in one error.
 Only simple annotations are checked (``int``, ``float``, ``bool``, ``str``, ``None``, their unions,
 ``Literal`` and sequences); anything else (tensors, callables, mappings of configs) is left to the
 constructor.
+
+:func:`preflight_data` then reads the first training items before the model is built and compares
+their channels, dimensionality and value range with the data config (``data.channels``,
+``data.spatial_dims``, ``data.value_range``) and with the model's channel settings: RGB folders
+used to fail at the first training step with a message about the model's channels.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,7 +28,9 @@ from typing import Any
 from medgen.utils.instantiate import to_plain
 from medgen.utils.targets import UnsafeTargetError, resolve_target
 
-__all__ = ["ConfigTypeError", "check_config"]
+__all__ = ["ConfigTypeError", "DataMismatchError", "check_config", "preflight_data"]
+
+log = logging.getLogger("medgen")
 
 _UNCHECKED = object()
 
@@ -133,3 +141,150 @@ def check_config(cfg: Any, keys: Sequence[str] = ("data", "model", "trainer")) -
             _check_node(to_plain(node), key, errors)
     if errors:
         raise ConfigTypeError("invalid config values:\n  " + "\n  ".join(errors))
+
+
+class DataMismatchError(ValueError):
+    """The training files do not match the data or model config; the message names key and file."""
+
+
+#: Model config keys that hold an image channel count.
+CHANNEL_KEYS = ("in_channels", "out_channels", "channels")
+#: Number of training items read before the model is built.
+PREFLIGHT_ITEMS = 2
+
+
+def _describe_item(dataset: Any, index: int) -> tuple[str, dict[str, Any]]:
+    """Where item ``index`` comes from, and its image tensors by key."""
+    import torch
+
+    item = dataset[index]
+    if not isinstance(item, Mapping):
+        item = {"image": item[0] if isinstance(item, (tuple, list)) else item}
+    path = item.get("path")
+    if isinstance(path, (tuple, list)):
+        path = " / ".join(str(p) for p in path)
+    where = f"'{path}'" if path else f"item {index} of {type(dataset).__name__}"
+    images = {
+        key: value
+        for key, value in item.items()
+        if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.is_floating_point()
+    }
+    return where, images
+
+
+def _channel_settings(node: Any, path: str) -> list[tuple[str, Any]]:
+    """``(key, value)`` of every image channel setting of an unresolved model config."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            where = f"{path}.{key}"
+            if (
+                key in CHANNEL_KEYS
+                and isinstance(value, (int, str))
+                and not isinstance(value, bool)
+            ):
+                found.append((where, value))
+            else:
+                found += _channel_settings(value, where)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found += _channel_settings(value, f"{path}[{i}]")
+    return found
+
+
+def preflight_data(cfg: Any, datamodule: Any) -> None:
+    """Check the first training items against ``cfg.data`` and the model's channels.
+
+    Reads :data:`PREFLIGHT_ITEMS` items of the training set (building the datasets, which
+    Lightning would do anyway) before the model is built, and:
+
+    * channels: when the model's channel settings follow the data (``${data.channels}``, the
+      default), a differing ``data.channels`` is corrected to the files' count (logged) and the
+      model follows; a model channel set to another number is an error naming
+      ``data.channels=N``, the model key and the file.
+    * dimensionality: 2D items with ``data.spatial_dims=3`` (or the reverse) are an error.
+    * value range: items far outside ``data.value_range`` (other units, e.g. counts 0-255 for
+      [-1, 1]) are an error naming the file; slightly outside (more than 5% of its width), a
+      warning.
+
+    Args:
+        cfg: The composed train config (``cfg.data.channels`` may be updated in place).
+        datamodule: The instantiated data module of ``cfg.data``.
+
+    Raises:
+        DataMismatchError: naming the data key to set and the file.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    datamodule.setup("fit")
+    dataset = datamodule.datasets.get("train")
+    if dataset is None or not len(dataset):
+        return
+    data = cfg.data
+    declared = int(data.get("channels", 1))
+    dims = int(data.get("spatial_dims", 2))
+    low, high = (float(v) for v in data.get("value_range", (0.0, 1.0)))
+    width = max(high - low, 1e-12)
+    counts: dict[str, tuple[int, str]] = {}
+    for index in range(min(PREFLIGHT_ITEMS, len(dataset))):
+        where, images = _describe_item(dataset, index)
+        for key, image in images.items():
+            if image.ndim - 1 != dims:
+                raise DataMismatchError(
+                    f"{where} gives {image.ndim - 1}D images (item key '{key}', shape "
+                    f"{tuple(image.shape)}) but data.spatial_dims={dims}: choose a "
+                    f"{image.ndim - 1}D data preset or set data.spatial_dims={image.ndim - 1}"
+                )
+            counts.setdefault(key, (int(image.shape[0]), where))
+            vmin, vmax = float(image.min()), float(image.max())
+            outside = max(low - vmin, vmax - high, 0.0)
+            if outside > width:
+                raise DataMismatchError(
+                    f"{where} has values in [{vmin:g}, {vmax:g}] (item key '{key}'), far outside "
+                    f"data.value_range=[{low:g}, {high:g}]: set the intensity preset "
+                    "(data.train.transform) so the data is scaled into data.value_range, or set "
+                    "data.value_range to the data's range"
+                )
+            if outside > 0.05 * width:
+                log.warning(
+                    "%s has values in [%g, %g], outside data.value_range=[%g, %g]",
+                    where,
+                    vmin,
+                    vmax,
+                    low,
+                    high,
+                )
+    if len({c for c, _ in counts.values()}) != 1:
+        return  # no items, or sides of a pair with different channels: the model decides
+    actual, where = next(iter(counts.values()))
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=False) if "model" in cfg else {}
+    settings = _channel_settings(model_cfg, "model")
+    fixed = [
+        (key, value)
+        for key, value in settings
+        if not (isinstance(value, str) and "data.channels" in value)
+    ]
+    for key, value in fixed:
+        if isinstance(value, int) and value != actual and key.endswith("in_channels"):
+            raise DataMismatchError(
+                f"{where} has {actual} channel(s) but {key}={value}: set data.channels={actual} "
+                f"and let the model follow the data ({key}: ${{data.channels}}), or "
+                f"{key}={actual}"
+            )
+    if actual != declared:
+        follows = any(isinstance(v, str) and "data.channels" in v for _, v in settings)
+        if fixed and not follows:
+            raise DataMismatchError(
+                f"{where} has {actual} channel(s) but data.channels={declared}: set "
+                f"data.channels={actual}"
+            )
+        log.info(
+            "medgen: %s has %d channel(s); data.channels=%d -> %d (the model follows the data)",
+            where,
+            actual,
+            declared,
+            actual,
+        )
+        with open_dict(data):
+            data.channels = actual
+        datamodule.channels = actual
