@@ -31,6 +31,7 @@ _SUBPACKAGES = (
     "nn",
     "runs",
     "utils",
+    "viz",
 )
 
 

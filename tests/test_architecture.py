@@ -25,6 +25,7 @@ LAYERS = {
     "inference": 2,
     "diffusion": 2,
     "augment": 2,
+    "viz": 2,  # notebook views and image grids (matplotlib imported lazily); uses data
     "losses": 3,
     "pretrained": 3,
     "models": 4,

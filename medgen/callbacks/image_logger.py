@@ -1,7 +1,8 @@
 """Write validation images to disk (and to TensorBoard when it is the logger).
 
 2D: one grid PNG per logged set (16-bit, so no intensity resolution is lost). 3D: a PNG of the three
-central orthogonal slices of every volume, plus the volumes themselves as NIfTI.
+central orthogonal slices of every volume, plus the volumes themselves as NIfTI. The grids are
+:func:`medgen.viz.image_grid`'s, the ones the notebook views draw.
 """
 
 from __future__ import annotations
@@ -14,42 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchvision.utils import make_grid
 
 from medgen.data.io import MedgenIOError, write
+from medgen.viz.grids import image_grid, orthogonal_slices
+
+__all__ = ["ImageLogger", "image_grid", "orthogonal_slices", "write_image_set"]
 
 log = logging.getLogger("medgen")
-
-
-def _to_unit(images: torch.Tensor, value_range: Sequence[float]) -> torch.Tensor:
-    low, high = value_range
-    return ((images.float() - low) / (high - low)).clamp(0.0, 1.0)
-
-
-def orthogonal_slices(volume: torch.Tensor) -> torch.Tensor:
-    """The three central orthogonal slices of ``(C, D, H, W)`` side by side: ``(C, S, 3 * S)``.
-
-    Each slice is zero-padded to a square of side ``S = max(D, H, W)``.
-    """
-    c, d, h, w = volume.shape
-    side = max(d, h, w)
-    slices = [volume[:, d // 2], volume[:, :, h // 2], volume[:, :, :, w // 2]]
-    padded = []
-    for s in slices:
-        canvas = volume.new_zeros((c, side, side))
-        canvas[:, : s.shape[1], : s.shape[2]] = s
-        padded.append(canvas)
-    return torch.cat(padded, dim=-1)
-
-
-def image_grid(images: torch.Tensor, value_range: Sequence[float], nrow: int = 8) -> torch.Tensor:
-    """A ``(C, H', W')`` grid in [0, 1] of 2D images, or of the orthogonal slices of 3D volumes."""
-    unit = _to_unit(images, value_range)
-    if unit.ndim == 5:
-        unit = torch.stack([orthogonal_slices(v) for v in unit])
-        nrow = 1
-    grid = make_grid(unit, nrow=nrow, padding=2, pad_value=0.0)
-    return grid[:1] if unit.shape[1] == 1 else grid  # make_grid turns grey into RGB
 
 
 def write_image_set(
