@@ -109,6 +109,7 @@ class DieOnRank(L.Callback):
 #: A tiny DiffusionUNet config shared by the diffusion tests.
 TINY_DIFFUSION_NET: dict[str, Any] = {
     "channels": [8, 16],
+    "num_res_blocks": 1,
     "attention_levels": [False, True],
     "num_head_channels": 8,
     "norm_num_groups": 4,

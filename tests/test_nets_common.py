@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 import medgen.nets
 from medgen.nets import (
+    AutoencoderKLNet,
     DCGANDiscriminator,
     DCGANGenerator,
     Decoder,
@@ -100,11 +101,17 @@ CASES: dict[type[nn.Module], Callable[[int], Case]] = {
         (1, 8),
     ),
     VAENet: lambda sd: Case({"in_channels": 1, "latent_channels": 2, **_AE}, (1, 8), (1, 8)),
+    AutoencoderKLNet: lambda sd: Case(
+        {"num_res_blocks": 1, "attention_levels": (False, False), "latent_channels": 2, **_AE},
+        (1, 8),
+        (1, 8),
+    ),
     DiffusionUNet: lambda sd: Case(
         {
             "in_channels": 1,
             "out_channels": 1,
             **_AE,
+            "num_res_blocks": 1,
             "attention_levels": (False, False),
             "num_head_channels": 8,
             "with_conditioning": True,

@@ -166,7 +166,8 @@ _FSDP2_SCRIPT = textwrap.dedent(
     def net():
         from medgen.nets import DiffusionUNet
         torch.manual_seed(0)
-        return DiffusionUNet(2, 1, 1, channels=[8, 16], attention_levels=[False, True],
+        return DiffusionUNet(2, 1, 1, num_res_blocks=1, channels=[8, 16],
+                             attention_levels=[False, True],
                              num_head_channels=8, norm_num_groups=4)
 
     def batch():

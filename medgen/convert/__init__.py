@@ -139,18 +139,32 @@ def load_foreign_state(
     return out
 
 
+#: where a target tensor comes from: one foreign key, or several concatenated along dim 0
+Source = str | tuple[str, ...]
+
+
+def _fits(value: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    # Equal, or a linear weight (O, I) for a 1x1 convolution (O, I, 1, ...).
+    return tuple(value.shape) == shape or (
+        tuple(value.shape) == shape[: value.dim()] and all(s == 1 for s in shape[value.dim() :])
+    )
+
+
 def map_state(
     source_state: Mapping[str, torch.Tensor],
     target: torch.nn.Module,
-    key_map: Mapping[str, str],
+    key_map: Mapping[str, Source],
     source: str | os.PathLike,
 ) -> dict[str, torch.Tensor]:
-    """Rename ``source_state`` by ``key_map`` (target key -> source key) and check it fits.
+    """Gather the state dict of ``target`` from ``source_state`` through ``key_map``.
 
     Args:
         source_state: The foreign state dict.
         target: The medgen net the weights are for.
-        key_map: For every key of ``target.state_dict()``, the foreign key holding its tensor.
+        key_map: For every key of ``target.state_dict()``, the foreign key holding its tensor
+            (keys absent from the map are looked up under the same name), or a tuple of foreign
+            keys concatenated along dim 0 (e.g. separate q, k, v projections into one ``qkv``).
+            A linear weight ``(O, I)`` fills a 1x1 convolution weight ``(O, I, 1, ...)``.
         source: The foreign file (named in errors).
 
     Returns:
@@ -158,32 +172,35 @@ def map_state(
 
     Raises:
         ConversionError: naming the first foreign key that is missing, unused or whose shape
-            differs (both shapes given).
+            differs from the configured net's (both shapes given).
     """
-    target_state = target.state_dict()
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for key, ref in target_state.items():
-        src_key = key_map.get(key, key)
-        if src_key not in source_state:
+    for key, ref in target.state_dict().items():
+        spec = key_map.get(key, key)
+        keys = (spec,) if isinstance(spec, str) else tuple(spec)
+        for src_key in keys:
+            if src_key not in source_state:
+                raise ConversionError(
+                    f"'{source}' does not match the configuration: it has no {src_key!r} "
+                    f"(needed for medgen's {key!r} of shape {tuple(ref.shape)})"
+                )
+        parts = [source_state[k] for k in keys]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if not _fits(value, tuple(ref.shape)):
+            shapes = " + ".join(str(tuple(p.shape)) for p in parts)
             raise ConversionError(
-                f"'{source}' does not match the configuration: it has no {src_key!r} "
-                f"(expected shape {tuple(ref.shape)} for medgen's {key!r})"
+                f"'{source}' does not match the configuration: {' + '.join(keys)!r} has shape "
+                f"{shapes} in the file but the configured net needs {tuple(ref.shape)} "
+                f"(medgen's {key!r})"
             )
-        value = source_state[src_key]
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ConversionError(
-                f"'{source}' does not match the configuration: {src_key!r} has shape "
-                f"{tuple(value.shape)} in the file but {tuple(ref.shape)} in the configured "
-                f"net (medgen's {key!r})"
-            )
-        out[key] = value.detach().to(ref.dtype).clone()
-        used.add(src_key)
+        out[key] = value.detach().reshape(ref.shape).to(ref.dtype).clone()
+        used.update(keys)
     unused = [k for k in source_state if k not in used]
     if unused:
         raise ConversionError(
-            f"'{source}' does not match the configuration: {len(unused)} foreign keys have no "
-            f"place in the configured net, first {unused[0]!r} with shape "
+            f"'{source}' does not match the configuration: {len(unused)} of its tensors have no "
+            f"place in the configured net, the first {unused[0]!r} with shape "
             f"{tuple(source_state[unused[0]].shape)}"
         )
     return out

@@ -41,10 +41,17 @@ from medgen.models.base import ENCODE, SAMPLE, seeded_generator
 from medgen.nets.vae import VAENet
 from medgen.nets.vqgan import VQGANNet
 from medgen.nn import DiagonalGaussian
+from medgen.utils.targets import canonical_name, resolve_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VQGAN", "AutoencoderKL", "LatentAutoencoder", "latent_scale_factor"]
+__all__ = [
+    "VQGAN",
+    "AutoencoderKL",
+    "LatentAutoencoder",
+    "feature_matching_loss",
+    "latent_scale_factor",
+]
 
 DEFAULT_AE_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-4}
 DEFAULT_DISCRIMINATOR: dict[str, Any] = {
@@ -72,6 +79,29 @@ def latent_scale_factor(latents: Iterable[Tensor]) -> float:
     for z in latents:
         stats.add(z)
     return stats.scale_factor
+
+
+def feature_matching_loss(fake: Sequence[Tensor], real: Sequence[Tensor]) -> Tensor:
+    """Discriminator feature matching of Medical Diffusion's VQ-GAN (Khader et al. 2023).
+
+    ``sum_i 4 / L * mean|fake_i - real_i|`` over the ``L = n_layers + 1`` intermediate feature maps
+    of a PatchGAN (all its conv stages but the logits), i.e. four times their mean L1 distance
+    (pix2pixHD's feature matching, Wang et al., CVPR 2018, eq. 4, with Medical Diffusion's
+    ``4 / (3 + 1)`` per layer for its 3-layer discriminators).
+
+    Args:
+        fake: Feature maps ``(B, C_i, *spatial_i)`` of the reconstruction.
+        real: The same of the real images (no gradient needed).
+
+    Returns:
+        The scalar loss (float32).
+    """
+    if len(fake) != len(real) or not fake:
+        raise ValueError(f"need matching, non-empty feature lists, got {len(fake)}, {len(real)}")
+    weight = 4.0 / len(fake)
+    return sum(
+        weight * F.l1_loss(f.float(), r.detach().float()) for f, r in zip(fake, real, strict=True)
+    )
 
 
 class LatentAutoencoder(AdversarialModule):
@@ -546,7 +576,11 @@ class AutoencoderKL(LatentAutoencoder):
             raise ValueError("net.spatial_dims differs from the model's spatial_dims")
         if net_kwargs.get("latent_dim") is not None:
             raise ValueError("AutoencoderKL needs a spatial latent: leave net.latent_dim unset")
-        self.net = VAENet(**net_kwargs)
+        # VAENet, or another allow-listed net with its interface (medgen.nets.AutoencoderKLNet:
+        # MONAI's AutoencoderKL layout).
+        target = net_kwargs.pop("_target_", None)
+        net_cls = VAENet if target is None else resolve_target(canonical_name(target))
+        self.net = net_cls(**net_kwargs)
         self.kl_weight = float(kl_weight)
         self.discriminator = (
             _build_discriminator(
@@ -604,8 +638,10 @@ class VQGAN(LatentAutoencoder):
                               + volume_gan_weight * G(D_3d(x̂)))
             + [step >= adv_start_step] * feature_matching_weight * FM
 
-    where ``FM`` is, for each discriminator, ``sum_i 4 / (n_layers + 1) * mean|D_i(x̂) - D_i(x)|``
-    over its intermediate feature maps ``D_i`` (as Medical Diffusion's code). The 2D slice
+    where ``FM`` is the sum over the discriminators whose GAN weight is not 0 (the weight itself
+    does not scale it, as in Medical Diffusion's code) of :func:`feature_matching_loss`, ``sum_i
+    4 / (n_layers + 1) * mean|D_i(x̂) - D_i(x)|`` over the ``n_layers + 1`` intermediate feature
+    maps ``D_i`` (medgen 0.1.0 divided by ``n_layers + 2``: 0.8 of upstream's weight). The 2D slice
     discriminator sees one random slice per sample along ``slice_axis``; in 2D there is only the
     image discriminator, on whole images. Discriminator step: ``0.5 * (loss(D(x), real) +
     loss(D(x̂), fake))`` for each discriminator, weighted like the generator terms (hinge).
@@ -815,12 +851,10 @@ class VQGAN(LatentAutoencoder):
             for discriminator, w, real, fake in self._pairs(x, recon_x):
                 fake_feats = self._features(discriminator, fake)
                 adv = adv + w * self.objective.generator_term(fake_feats[-1])
-                if self.feature_matching_weight > 0:
+                if self.feature_matching_weight > 0 and w > 0:
                     with torch.no_grad():
                         real_feats = self._features(discriminator, real)
-                    layer_weight = 4.0 / len(fake_feats)  # 4 / (n_layers + 1), as upstream
-                    for f_fake, f_real in zip(fake_feats[:-1], real_feats[:-1], strict=True):
-                        fm = fm + w * layer_weight * F.l1_loss(f_fake.float(), f_real.float())
+                    fm = fm + feature_matching_loss(fake_feats[:-1], real_feats[:-1])
             weight = recon.new_tensor(self.adv_weight)
             if self.adaptive_adv_weight:
                 weight = weight * self.adaptive_weight(rec_total, adv)

@@ -1,8 +1,8 @@
 """Time- and class-conditioned UNet backbone for pixel and latent diffusion, 2D and 3D.
 
 The layout is the ADM / latent-diffusion UNet (Ho et al., 2020; Dhariwal & Nichol, 2021; Rombach
-et al., 2022) with the argument names of MONAI's ``DiffusionModelUNet``, so a MONAI configuration
-dict builds this net unchanged. It is our own implementation on :mod:`medgen.nn` blocks: SDPA
+et al., 2022) with the arguments (names, order, defaults) of MONAI's ``DiffusionModelUNet``, so a
+MONAI configuration builds the same net, whose weights :mod:`medgen.convert` maps one to one. It is our own implementation on :mod:`medgen.nn` blocks: SDPA
 attention, activation checkpointing as a flag, channels-last friendly and free of graph breaks under
 ``torch.compile``.
 """
@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ResBlock, zero_module
-from medgen.nn.cross_attention import CrossAttention
+from medgen.nn.cross_attention import CrossAttention, SpatialTransformer
 from medgen.nn.embeddings import timestep_embedding
 from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
 from medgen.nn.fused import norm_act
@@ -29,12 +29,17 @@ __all__ = ["DiffusionUNet"]
 
 
 class _UNetBlock(nn.Module):
-    """``ResBlock → [SelfAttention] → [CrossAttention x L]``, run as one checkpointed unit."""
+    """``ResBlock → [attention]``, run as one checkpointed unit.
+
+    ``attn`` is a :class:`SelfAttention` (unconditioned sites) or a :class:`SpatialTransformer`
+    (conditioned sites); ``cross_attn`` holds the pre-#18 conditioned layout
+    (``SelfAttention → CrossAttention x L``, ``legacy_layout=True``).
+    """
 
     def __init__(
         self,
         res: ResBlock,
-        attn: SelfAttention | None,
+        attn: SelfAttention | SpatialTransformer | None,
         cross_attn: Sequence[CrossAttention] = (),
     ) -> None:
         super().__init__()
@@ -44,7 +49,9 @@ class _UNetBlock(nn.Module):
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
         h = self.res(h, emb)
-        if self.attn is not None:
+        if isinstance(self.attn, SpatialTransformer):
+            h = self.attn(h, context)
+        elif self.attn is not None:
             h = self.attn(h)
         for block in self.cross_attn:
             h = block(h, context)
@@ -52,22 +59,27 @@ class _UNetBlock(nn.Module):
 
 
 class _Resample(nn.Module):
-    """A resolution change, optionally through a time-conditioned ResBlock (``resblock_updown``).
+    """A resolution change: a plain (de)convolution or a time-conditioned ResBlock.
 
-    Down: ``[ResBlock →] Downsample``; up: ``Upsample`` or ``nearest x2 → ResBlock``. The ResBlock
-    variant replaces MONAI's ResBlock with built-in resampling by a ResBlock at the finer
-    resolution plus a parameter-free resampling (average pooling / nearest interpolation).
+    With ``resblock_updown`` the ResBlock resamples inside itself (``ResBlock(resample=...)``,
+    as MONAI); with ``legacy_layout=True`` it runs at the finer resolution around a
+    parameter-free resampling (``[ResBlock →] avgpool`` down, ``nearest x2 → ResBlock`` up).
     """
 
-    def __init__(self, resample: nn.Module | None, res: ResBlock | None, up: bool) -> None:
+    def __init__(
+        self, resample: nn.Module | None, res: ResBlock | None, up: bool, legacy: bool = False
+    ) -> None:
         super().__init__()
         self.resample = resample
         self.res = res
         self.up = up
+        self.legacy = legacy
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         if self.res is None:
             return self.resample(h)
+        if not self.legacy:
+            return self.res(h, emb)
         if self.up:
             return self.res(F.interpolate(h, scale_factor=2.0, mode="nearest"), emb)
         return self.resample(self.res(h, emb))
@@ -82,42 +94,50 @@ class DiffusionUNet(nn.Module):
       ``E = 4 * channels[0]``, plus a learned class embedding when ``num_class_embeds`` is set,
       plus an MLP embedding of ``K`` scalar conditions when ``num_scalar_conds = K`` is set;
       every ResBlock receives it;
-    * encoder level ``i``: ``num_res_blocks[i]`` x (ResBlock ``[→ SelfAttention]
-      [→ CrossAttention]``), attention where ``attention_levels[i]`` (cross-attention too when
-      ``with_conditioning``), then a stride-2 Downsample (none after the last level);
-    * middle: ``ResBlock → SelfAttention [→ CrossAttention] → ResBlock``;
+    * encoder level ``i``: ``num_res_blocks[i]`` x (ResBlock ``[→ attention]``), attention where
+      ``attention_levels[i]``, then a stride-2 Downsample (none after the last level);
+    * middle: ``ResBlock → attention → ResBlock``;
     * decoder level ``i`` (widths reversed): ``num_res_blocks[i] + 1`` blocks, each fed the
       concatenation of the running features and one encoder skip, then an Upsample (none after the
       last level).
 
-    Arguments are those of MONAI's ``DiffusionModelUNet`` (``transformer_num_layers`` sets the
-    number of cross-attention blocks per attention site). MONAI's ``upcast_attention``,
-    ``include_fc``, ``use_combined_linear`` and ``use_flash_attention`` are accepted and ignored:
-    attention always goes through SDPA, which picks flash / memory-efficient kernels itself.
-    Differences from MONAI: conditioned attention sites are ``SelfAttention → CrossAttention``
-    without MONAI's transformer feed-forward, GroupNorm groups are clipped to divide each width
-    instead of raising, and ``resblock_updown`` resamples around (not inside) a ResBlock.
+    Attention is a :class:`~medgen.nn.SelfAttention` without conditioning, and a
+    :class:`~medgen.nn.SpatialTransformer` (``transformer_num_layers`` layers of self-attention,
+    cross-attention to the context and a GEGLU feed-forward) with ``with_conditioning``.
+
+    Arguments, their positional order and their defaults are those of MONAI's
+    ``DiffusionModelUNet`` (Pinaya et al., 2022, "Brain Imaging Generation with Latent Diffusion
+    Models"), and every configuration it accepts builds the same layout with the same parameter
+    count, so :func:`medgen.convert.convert` maps its weights one to one. Attention always runs
+    through SDPA (flash / memory-efficient kernels where available), so ``use_flash_attention``
+    is accepted and ignored, as is ``use_combined_linear`` (a weight layout the converter
+    handles). medgen's additions are keyword-only.
 
     Args:
         spatial_dims: Number of spatial dimensions, 2 or 3.
         in_channels: Input channels ``C_in``.
         out_channels: Output channels ``C_out`` (e.g. ``C_in`` for eps / v prediction).
-        channels: Width of each level, from full to lowest resolution.
         num_res_blocks: Encoder ResBlocks per level (int or one per level); the decoder has one more.
+        channels: Width of each level, from full to lowest resolution.
         attention_levels: Per level, whether to add attention after each ResBlock.
-        num_head_channels: Channels per attention head (int or one per level); each width with
-            attention must be divisible by it.
-        norm_num_groups: GroupNorm groups, clipped to divide every width.
+        norm_num_groups: GroupNorm groups; every width must be a multiple of it.
         norm_eps: GroupNorm epsilon.
-        with_conditioning: Add cross-attention to a context ``(B, M, cross_attention_dim)``.
+        resblock_updown: Resample through ResBlocks (average pooling / nearest interpolation
+            inside the block) instead of plain (de)convolutions.
+        num_head_channels: Channels per attention head (int or one per level); each width with
+            (unconditioned) attention must be divisible by it.
+        with_conditioning: Condition the attention sites on a context ``(B, M, cross_attention_dim)``.
+        transformer_num_layers: Transformer layers per conditioned attention site.
         cross_attention_dim: Size of each context token; required iff ``with_conditioning``.
         num_class_embeds: Number of classes for class conditioning, or ``None``.
-        resblock_updown: Resample through ResBlocks instead of plain (de)convolutions.
+        upcast_attention: Compute attention in float32 under half precision.
+        dropout_cattn: Dropout probability inside the conditioned attention sites.
+        include_fc: Keep the output projections of the self-attentions.
+        use_combined_linear: Accepted for MONAI configurations (weight layout only).
+        use_flash_attention: Accepted and ignored (SDPA is always used).
         dropout: Dropout probability inside ResBlocks.
         gradient_checkpointing: Recompute block activations in the backward pass to save memory (in
             training mode with grad enabled only). Results are unchanged.
-        transformer_num_layers: Cross-attention blocks per conditioned attention site.
-        dropout_cattn: Dropout probability on the cross-attention output.
         scale_shift: Inject the time embedding as GroupNorm scale and shift (ADM) instead of by
             addition (MONAI's default).
         num_scalar_conds: Number ``K`` of scalar conditions (e.g. age, spacing, a modality code),
@@ -126,6 +146,10 @@ class DiffusionUNet(nn.Module):
             indicator) and added to the time embedding, as MAISI adds its spacing embedding. A
             NaN marks a missing value; all-NaN rows are the null condition of classifier-free
             guidance. Standardise the values (e.g. age / 100) before passing them.
+        legacy_layout: Build the layout of medgen before issue #18, to load its checkpoints:
+            conditioned sites are ``SelfAttention → CrossAttention x transformer_num_layers``
+            (no feed-forward), ``resblock_updown`` resamples around the ResBlock, and GroupNorm
+            groups are clipped to divide each width instead of raising.
 
     Shapes:
         ``x``: ``(B, C_in, *spatial)`` with every spatial size divisible by
@@ -138,27 +162,28 @@ class DiffusionUNet(nn.Module):
         spatial_dims: int,
         in_channels: int,
         out_channels: int,
-        channels: Sequence[int] = (32, 64, 64),
-        num_res_blocks: int | Sequence[int] = 1,
-        attention_levels: Sequence[bool] = (False, False, True),
-        num_head_channels: int | Sequence[int] = 8,
+        num_res_blocks: int | Sequence[int] = (2, 2, 2, 2),
+        channels: Sequence[int] = (32, 64, 64, 64),
+        attention_levels: Sequence[bool] = (False, False, True, True),
         norm_num_groups: int = 32,
         norm_eps: float = 1e-6,
+        resblock_updown: bool = False,
+        num_head_channels: int | Sequence[int] = 8,
         with_conditioning: bool = False,
+        transformer_num_layers: int = 1,
         cross_attention_dim: int | None = None,
         num_class_embeds: int | None = None,
-        resblock_updown: bool = False,
-        dropout: float = 0.0,
-        gradient_checkpointing: bool = False,
-        *,
-        transformer_num_layers: int = 1,
-        dropout_cattn: float = 0.0,
-        scale_shift: bool = False,
-        num_scalar_conds: int | None = None,
         upcast_attention: bool = False,
+        dropout_cattn: float = 0.0,
         include_fc: bool = True,
         use_combined_linear: bool = False,
         use_flash_attention: bool = False,
+        *,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        scale_shift: bool = False,
+        num_scalar_conds: int | None = None,
+        legacy_layout: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -175,18 +200,29 @@ class DiffusionUNet(nn.Module):
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries but channels has {n} levels."
             )
+        if not legacy_layout and any(c % norm_num_groups for c in channels):
+            raise ValueError(
+                f"every width in channels={channels} must be a multiple of "
+                f"norm_num_groups={norm_num_groups} (GroupNorm)."
+            )
         blocks = per_axis(num_res_blocks, n, "num_res_blocks (one per level of channels)")
         if any(b < 1 for b in blocks):
             raise ValueError(f"num_res_blocks must be >= 1 at every level, got {num_res_blocks}.")
         heads = per_axis(num_head_channels, n, "num_head_channels (one per level of channels)")
+        transformer = bool(with_conditioning) and not legacy_layout
         for i in range(n):
             # The middle block always has attention, at the width of the last level.
-            if (attention_levels[i] or i == n - 1) and (
-                heads[i] < 1 or channels[i] % heads[i] != 0
-            ):
+            if not (attention_levels[i] or i == n - 1):
+                continue
+            if heads[i] < 1 or (not transformer and channels[i] % heads[i] != 0):
                 raise ValueError(
                     f"channels[{i}] = {channels[i]} must be divisible by num_head_channels[{i}] = "
                     f"{heads[i]} (level {i} has attention)."
+                )
+            if transformer and heads[i] > channels[i]:
+                raise ValueError(
+                    f"num_head_channels[{i}] = {heads[i]} exceeds channels[{i}] = {channels[i]} "
+                    f"(level {i} has attention)."
                 )
         if with_conditioning and cross_attention_dim is None:
             raise ValueError(
@@ -221,7 +257,7 @@ class DiffusionUNet(nn.Module):
         norm = ("group", {"num_groups": norm_num_groups, "eps": norm_eps})
         emb_dim = 4 * channels[0]
 
-        def res(cin: int, cout: int) -> ResBlock:
+        def res(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(
                 spatial_dims,
                 cin,
@@ -231,15 +267,37 @@ class DiffusionUNet(nn.Module):
                 norm_num_groups=norm_num_groups,
                 dropout=dropout,
                 scale_shift=scale_shift,
+                resample=resample,
             )
 
         def block(cin: int, cout: int, level: int, with_attn: bool) -> _UNetBlock:
-            attn = None
+            attn: SelfAttention | SpatialTransformer | None = None
             cross: list[CrossAttention] = []
-            if with_attn:
-                attn = SelfAttention(spatial_dims, cout, heads[level], norm_num_groups)
-                attn.norm.eps = norm_eps
-                if self.with_conditioning:
+            if with_attn and transformer:
+                attn = SpatialTransformer(
+                    spatial_dims,
+                    cout,
+                    cout // heads[level],
+                    heads[level],
+                    cross_attention_dim,
+                    num_layers=transformer_num_layers,
+                    norm_num_groups=norm_num_groups,
+                    norm_eps=norm_eps,
+                    dropout=dropout_cattn,
+                    include_fc=include_fc,
+                    upcast=upcast_attention,
+                )
+            elif with_attn:
+                attn = SelfAttention(
+                    spatial_dims,
+                    cout,
+                    heads[level],
+                    norm_num_groups,
+                    norm_eps=norm_eps,
+                    include_fc=include_fc or legacy_layout,
+                    upcast=upcast_attention,
+                )
+                if self.with_conditioning:  # legacy layout
                     cross = [
                         CrossAttention(
                             spatial_dims,
@@ -253,6 +311,21 @@ class DiffusionUNet(nn.Module):
                         for _ in range(transformer_num_layers)
                     ]
             return _UNetBlock(res(cin, cout), attn, cross)
+
+        def down(ch: int) -> _Resample:
+            if not resblock_updown:
+                return _Resample(Downsample(spatial_dims, ch, mode="conv"), None, up=False)
+            if legacy_layout:
+                pool = Downsample(spatial_dims, ch, mode="avgpool")
+                return _Resample(pool, res(ch, ch), up=False, legacy=True)
+            return _Resample(None, res(ch, ch, "down"), up=False)
+
+        def up(ch: int) -> _Resample:
+            if not resblock_updown:
+                return _Resample(Upsample(spatial_dims, ch, mode="nearest_conv"), None, up=True)
+            if legacy_layout:
+                return _Resample(None, res(ch, ch), up=True, legacy=True)
+            return _Resample(None, res(ch, ch, "up"), up=True)
 
         # Time (and class) embedding.
         self.time_embed = nn.Sequential(
@@ -284,13 +357,7 @@ class DiffusionUNet(nn.Module):
                 skip_channels.append(ch)
             self.down_levels.append(level)
             if i < n - 1:
-                if resblock_updown:
-                    down = _Resample(
-                        Downsample(spatial_dims, ch, mode="avgpool"), res(ch, ch), up=False
-                    )
-                else:
-                    down = _Resample(Downsample(spatial_dims, ch, mode="conv"), None, up=False)
-                self.downsamples.append(down)
+                self.downsamples.append(down(ch))
                 skip_channels.append(ch)
 
         # Middle.
@@ -307,11 +374,7 @@ class DiffusionUNet(nn.Module):
                 ch = channels[i]
             self.up_levels.append(level)
             if j < n - 1:
-                if resblock_updown:
-                    up = _Resample(None, res(ch, ch), up=True)
-                else:
-                    up = _Resample(Upsample(spatial_dims, ch, mode="nearest_conv"), None, up=True)
-                self.upsamples.append(up)
+                self.upsamples.append(up(ch))
         assert not skip_channels, "internal error: unused skip connections"
 
         self.norm_out = get_norm_layer(norm, spatial_dims, ch)
@@ -379,6 +442,10 @@ class DiffusionUNet(nn.Module):
             raise ValueError("Got `scalars` but the net was built with num_scalar_conds=None.")
 
         # (B,) timesteps -> (B, E); one timestep is shared by the whole batch.
+        if timesteps.ndim > 1:
+            raise ValueError(
+                f"timesteps must have shape (B,) or be one value, got {tuple(timesteps.shape)}."
+            )
         t = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.channels[0]).to(x.dtype))
         if self.class_embedding is not None:

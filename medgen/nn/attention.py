@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 from medgen.nn.blocks import zero_module
 from medgen.nn.factories import check_spatial_dims, conv_nd, get_norm_layer
 
-__all__ = ["SelfAttention"]
+__all__ = ["SelfAttention", "attend"]
 
 
 def num_heads_for(channels: int, num_head_channels: int | None) -> int:
@@ -21,6 +22,18 @@ def num_heads_for(channels: int, num_head_channels: int | None) -> int:
             f"channels ({channels}) must be divisible by num_head_channels ({num_head_channels})."
         )
     return channels // num_head_channels
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, upcast: bool = False) -> Tensor:
+    """``softmax(Q K^T / sqrt(d)) V`` on ``(B, h, N, d)`` tensors through SDPA.
+
+    With ``upcast`` the product is computed in float32 and cast back to ``q``'s dtype (the
+    ``upcast_attention`` of latent diffusion UNets, for half-precision stability).
+    """
+    if upcast and q.dtype != torch.float32:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class SelfAttention(nn.Module):
@@ -39,6 +52,11 @@ class SelfAttention(nn.Module):
         num_head_channels: Channels ``d`` per head; ``C`` must be divisible by it. ``None`` uses one
             head with ``d = C``.
         norm_num_groups: GroupNorm groups, clipped to divide ``C``.
+        norm_eps: GroupNorm epsilon.
+        include_fc: Keep the output projection ``proj_out``; ``False`` adds the attention output
+            directly (MONAI's ``include_fc=False``).
+        upcast: Compute the attention in float32 whatever the input dtype (MONAI's
+            ``upcast_attention``).
 
     Shapes:
         ``(B, C, *spatial) -> (B, C, *spatial)``.
@@ -50,6 +68,10 @@ class SelfAttention(nn.Module):
         channels: int,
         num_head_channels: int | None = None,
         norm_num_groups: int = 32,
+        *,
+        norm_eps: float = 1e-5,
+        include_fc: bool = True,
+        upcast: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -61,11 +83,12 @@ class SelfAttention(nn.Module):
         self.head_dim = channels // num_heads
 
         conv = conv_nd(spatial_dims)
+        self.upcast = bool(upcast)
         self.norm = get_norm_layer(
-            ("group", {"num_groups": norm_num_groups}), spatial_dims, channels
+            ("group", {"num_groups": norm_num_groups, "eps": norm_eps}), spatial_dims, channels
         )
         self.qkv = conv(channels, 3 * channels, 1)
-        self.proj_out = zero_module(conv(channels, channels, 1))
+        self.proj_out = zero_module(conv(channels, channels, 1)) if include_fc else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Attend over all positions of ``x``.
@@ -84,6 +107,7 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(
             qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         ).unbind(0)
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        out = rearrange(attend(q, k, v, self.upcast), "b h n d -> b n (h d)")
+        if self.proj_out is not None:
+            out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + out.transpose(1, 2).reshape(x.shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medgen.nn.factories import (
@@ -113,9 +114,14 @@ class ResBlock(nn.Module):
         act: Activation spec (see :func:`~medgen.nn.factories.get_act_layer`).
         dropout: Dropout probability before the last convolution.
         scale_shift: Inject the embedding as scale and shift (``True``) or by addition (``False``).
+        resample: ``"down"`` (2x average pooling) or ``"up"`` (2x nearest) applied to both the
+            skip input and the branch after its first norm and activation, as the BigGAN / ADM
+            up- and down-sampling ResBlocks (Brock et al., 2019; Dhariwal & Nichol, 2021) and
+            MONAI's ``resblock_updown``; ``None`` keeps the resolution.
 
     Shapes:
-        ``x``: ``(B, C_in, *spatial)``; ``emb``: ``(B, E)``; output ``(B, C_out, *spatial)``.
+        ``x``: ``(B, C_in, *spatial)``; ``emb``: ``(B, E)``; output ``(B, C_out, *spatial)``, with
+        the spatial size halved or doubled by ``resample``.
     """
 
     def __init__(
@@ -129,9 +135,13 @@ class ResBlock(nn.Module):
         act: ActSpec = "silu",
         dropout: float = 0.0,
         scale_shift: bool = True,
+        resample: str | None = None,
     ) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
+        if resample not in (None, "up", "down"):
+            raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}.")
+        self.resample = resample
         out_channels = in_channels if out_channels is None else out_channels
         if in_channels < 1 or out_channels < 1:
             raise ValueError(
@@ -169,6 +179,11 @@ class ResBlock(nn.Module):
         else:
             self.skip = nn.Identity()
 
+    def _resample(self, x: Tensor) -> Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2) if self.spatial_dims == 2 else F.avg_pool3d(x, 2)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         """Apply the residual block.
 
@@ -182,7 +197,10 @@ class ResBlock(nn.Module):
         Raises:
             ValueError: If ``emb`` is given without ``emb_channels`` or missing when it is needed.
         """
-        h = self.conv1(norm_act(self.norm1, self.act1, x))
+        h = norm_act(self.norm1, self.act1, x)
+        if self.resample is not None:
+            h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h)
         if self.emb_proj is None:
             if emb is not None:
                 raise ValueError("ResBlock was built with emb_channels=None but got an embedding.")
