@@ -2,6 +2,7 @@
 
 from medgen.callbacks.csv_logger import CSVLogger
 from medgen.callbacks.ema import EMA
+from medgen.callbacks.fidelity import FidelityMonitor
 from medgen.callbacks.guard import NonFiniteError, NumericalGuard
 from medgen.callbacks.image_logger import ImageLogger
 from medgen.callbacks.preemption import Preemption
@@ -11,6 +12,7 @@ from medgen.callbacks.rng import RNGState
 __all__ = [
     "CSVLogger",
     "EMA",
+    "FidelityMonitor",
     "ImageLogger",
     "NonFiniteError",
     "NumericalGuard",
