@@ -16,12 +16,14 @@ sample, or one per patch for PatchGANs), and every loss is a mean over all logit
   ``G: -D(G(z))``; use it with :func:`gradient_penalty` (Gulrajani et al., "Improved Training of
   Wasserstein GANs", NeurIPS 2017) — WGAN-GP.
 
-Regularisers: :func:`gradient_penalty` (WGAN-GP, per-sample gradient norm) and :func:`r1_penalty`
-(Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018).
+Regularisers: :func:`gradient_penalty` (WGAN-GP, per-sample gradient norm), :func:`r1_penalty`
+(Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018) and
+:func:`path_length_penalty` (StyleGAN2's path-length regularisation of the generator).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +198,47 @@ def r1_penalty(real_logits: Tensor, real: Tensor, create_graph: bool = True) -> 
     return _per_sample_grad_norm_sq(real_logits, real, create_graph).mean()
 
 
+def path_length_penalty(
+    images: Tensor,
+    ws: Tensor,
+    pl_mean: Tensor,
+    decay: float = 0.01,
+    noise: Tensor | None = None,
+    create_graph: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """StyleGAN2's path-length regulariser (Karras et al., CVPR 2020, section 3.2, eq. 4).
+
+    ``E_{w, y}[(‖J_wᵀ y‖₂ - a)²]`` with ``y ~ N(0, I) / sqrt(number of pixels)`` (so the lengths do
+    not depend on the image size) and ``a`` the moving average of the lengths. The Jacobian-vector
+    product is one backward pass of ``sum(images * y)`` to ``ws``; a sample's length is
+    ``sqrt(mean over layers of |grad_l|²)``, as in the paper's implementation for per-layer ``w``.
+
+    Args:
+        images: Generated images ``(B, C, *spatial)``, computed from ``ws`` with graph.
+        ws: The per-layer latents ``(B, num_ws, w_dim)`` (or ``(B, w_dim)``) they came from.
+        pl_mean: The current moving average ``a`` (a scalar tensor; not modified).
+        decay: Weight of this batch's mean length in the new average.
+        noise: ``y`` before scaling (default: drawn from ``N(0, I)``), ``images``' shape.
+        create_graph: Keep the graph so the penalty can be back-propagated.
+
+    Returns:
+        ``(penalty, lengths, new_mean)``: the mean over samples of ``(length - new_mean)²``,
+        the per-sample lengths ``(B,)`` and the updated average (detached). Multiply the penalty
+        by the weight (2 in StyleGAN2) and, when lazy, by the interval.
+    """
+    if noise is None:
+        noise = torch.randn_like(images)
+    noise = noise / math.sqrt(math.prod(images.shape[2:]))
+    (grad,) = torch.autograd.grad(
+        (images.float() * noise.float()).sum(), ws, create_graph=create_graph, only_inputs=True
+    )
+    grad = grad.float().reshape(grad.shape[0], -1, grad.shape[-1])
+    lengths = grad.square().sum(dim=2).mean(dim=1).sqrt()
+    new_mean = pl_mean.float().lerp(lengths.mean().detach(), decay)
+    penalty = (lengths - new_mean).square().mean()
+    return penalty, lengths, new_mean
+
+
 def has_batch_norm(module: nn.Module) -> bool:
     """Whether ``module`` contains a batch-norm layer (which couples the samples of a batch)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
@@ -307,5 +350,6 @@ __all__ = [
     "discriminator_loss",
     "generator_loss",
     "gradient_penalty",
+    "path_length_penalty",
     "r1_penalty",
 ]

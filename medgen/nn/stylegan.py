@@ -8,6 +8,7 @@
   of StyleGAN", sec. 2.2, eqs. 1-3), computed with one grouped convolution for the whole batch.
 * Per-pixel noise inputs with a learned strength (Karras et al., 2019, "A Style-Based Generator
   Architecture for GANs", sec. 3.2).
+* Minibatch standard deviation (Karras et al., 2018, sec. 3), StyleGAN2's discriminator epilogue.
 
 MONAI and torch have no StyleGAN layers; these are written from the papers.
 """
@@ -24,7 +25,15 @@ from torch import Tensor, nn
 from medgen.nn.factories import ActSpec, check_spatial_dims, get_act_layer
 from medgen.nn.fir import Blur
 
-__all__ = ["EqualConv", "EqualLinear", "ModulatedConv", "NoiseInjection"]
+__all__ = [
+    "EqualConv",
+    "EqualLinear",
+    "MinibatchStdDev",
+    "ModulatedConv",
+    "NoiseInjection",
+    "StyleConv",
+    "stylegan_act",
+]
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _CONV_T = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -45,7 +54,9 @@ class _ScaledLeakyReLU(nn.Module):
         return f"negative_slope={self.negative_slope}, gain={self.gain:.4f}"
 
 
-def _stylegan_act(activation: ActSpec) -> nn.Module:
+def stylegan_act(activation: ActSpec) -> nn.Module:
+    """StyleGAN's activation by name: ``"lrelu"`` (slope 0.2, gain ``sqrt(2)``), ``"linear"``,
+    or any spec of :func:`~medgen.nn.factories.get_act_layer` (without a gain)."""
     if isinstance(activation, str) and activation.lower() == "lrelu":
         return _ScaledLeakyReLU()
     if isinstance(activation, str) and activation.lower() == "linear":
@@ -98,7 +109,7 @@ class EqualLinear(nn.Module):
             else None
         )
         self.weight_scale = self.lr_multiplier / math.sqrt(in_features)
-        self.act = _stylegan_act(activation)
+        self.act = stylegan_act(activation)
 
     def effective_weight(self) -> Tensor:
         """The weight used at run time: ``stored * lr_multiplier / sqrt(in_features)``."""
@@ -125,6 +136,11 @@ class EqualConv(nn.Module):
     The stored weight is ``N(0, 1)``; the layer convolves with
     ``w / sqrt(in_channels * kernel_size ** spatial_dims)``. The bias starts at 0.
 
+    With ``down=True`` the input is first low-pass filtered with a :class:`~medgen.nn.fir.Blur`
+    (taps ``fir_taps``), then convolved with stride 2 (StyleGAN2's anti-aliased downsampling
+    convolution, Karras et al., 2020, appendix B); ``stride`` and ``padding`` are then ignored and
+    the output is ``spatial // 2``, each output centred between the inputs it summarises.
+
     Args:
         spatial_dims: Number of spatial dimensions, 2 or 3.
         in_channels: Input channels ``C_in``.
@@ -133,9 +149,12 @@ class EqualConv(nn.Module):
         stride: Convolution stride.
         padding: Zero padding, as for ``torch.nn.functional.conv{2,3}d`` (an int or ``"same"``).
         bias: Learn an additive bias.
+        down: Blur, then convolve with stride 2 (halves the spatial size).
+        fir_taps: 1D taps of the blur used with ``down``.
 
     Shapes:
-        ``(B, C_in, *spatial) -> (B, C_out, *((spatial + 2 * padding - K) // stride + 1))``.
+        ``(B, C_in, *spatial) -> (B, C_out, *((spatial + 2 * padding - K) // stride + 1))``;
+        ``(B, C_out, *(spatial // 2))`` with ``down``.
     """
 
     def __init__(
@@ -147,9 +166,19 @@ class EqualConv(nn.Module):
         stride: int = 1,
         padding: int | str = 0,
         bias: bool = True,
+        down: bool = False,
+        fir_taps: Sequence[float] = (1, 3, 3, 1),
     ) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.down = down
+        self.blur: nn.Module = nn.Identity()
+        if down:
+            # Blur output n + p0 + p1 - k + 1, then a stride-2 K-conv gives n // 2 samples
+            # (the padding of ModulatedConv's down path).
+            total = len(fir_taps) + kernel_size - 3
+            self.blur = Blur(self.spatial_dims, fir_taps, pad=((total + 1) // 2, total // 2))
+            stride, padding = 2, 0
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -168,13 +197,19 @@ class EqualConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Convolve ``x`` of shape ``(B, C_in, *spatial)``."""
         conv = _CONV[self.spatial_dims]
-        return conv(x, self.effective_weight(), self.bias, stride=self.stride, padding=self.padding)
+        return conv(
+            self.blur(x),
+            self.effective_weight(),
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"spatial_dims={self.spatial_dims}, {self.in_channels}, {self.out_channels}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, down={self.down}"
         )
 
 
@@ -404,3 +439,125 @@ class NoiseInjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}"
+
+
+class StyleConv(nn.Module):
+    """One StyleGAN2 synthesis layer: modulated convolution, noise, bias, activation.
+
+    ``act(ModulatedConv(x, w) + strength * noise + b)`` with the leaky ReLU of gain ``sqrt(2)``
+    (Karras et al., 2020, fig. 2c: the bias and noise are applied outside the style block, after
+    the convolution). ``clamp`` bounds the output to ``[-clamp, clamp]`` (StyleGAN2-ADA clamps the
+    activations of the layers run in reduced precision; ``None`` disables it).
+
+    Args:
+        spatial_dims: Number of spatial dimensions, 2 or 3.
+        in_channels: Input channels ``C_in``.
+        out_channels: Output channels ``C_out``.
+        style_dim: Dimension of the style vectors ``w``.
+        kernel_size: Kernel size ``K`` (3 in StyleGAN2).
+        up: Double the spatial size (transposed convolution + blur).
+        fir_taps: 1D taps of the resampling filter.
+        noise: Add per-pixel noise with a learned strength (:class:`NoiseInjection`).
+        clamp: Optional bound of the output.
+        fused_modconv: See :class:`ModulatedConv`.
+
+    Shapes:
+        ``x``: ``(B, C_in, *spatial)``, ``w``: ``(B, style_dim)`` -> ``(B, C_out, *spatial')``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        style_dim: int,
+        kernel_size: int = 3,
+        up: bool = False,
+        fir_taps: Sequence[float] = (1, 3, 3, 1),
+        noise: bool = True,
+        clamp: float | None = None,
+        fused_modconv: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = ModulatedConv(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            kernel_size,
+            style_dim,
+            up=up,
+            fir_taps=fir_taps,
+            fused_modconv=fused_modconv,
+        )
+        self.noise = NoiseInjection(spatial_dims) if noise else None
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.act = _ScaledLeakyReLU()
+        self.clamp = clamp
+        self.spatial_dims = self.conv.spatial_dims
+
+    def forward(
+        self,
+        x: Tensor,
+        w: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Apply the layer; ``noise`` ``(B, 1, *spatial')`` is drawn (with ``generator``) if ``None``."""
+        y = self.conv(x, w)
+        if self.noise is not None:
+            if noise is None and generator is not None:
+                # Drawn on the generator's device (the CPU for seeded sampling), then moved, so
+                # a seed gives the same noise on every device.
+                shape = (y.shape[0], 1, *y.shape[2:])
+                noise = torch.randn(shape, generator=generator, device=generator.device).to(y)
+            y = self.noise(y, noise)
+        y = self.act(y + self.bias.reshape(1, -1, *(1,) * self.spatial_dims))
+        if self.clamp is not None:
+            y = y.clamp(-self.clamp, self.clamp)
+        return y
+
+
+class MinibatchStdDev(nn.Module):
+    """Append the minibatch standard deviation as extra channels (Karras et al., 2018, sec. 3).
+
+    The batch is split into groups of ``group_size`` samples (the whole batch when it is smaller
+    or not divisible; StyleGAN2 uses 4); within each group, the standard deviation of every
+    feature over the group's samples is computed, averaged over the channels of each of
+    ``num_channels`` channel slices and over the spatial positions, and appended to every sample
+    of the group as a constant feature map. It lets the discriminator see the diversity of a batch,
+    which counters mode collapse. The samples of a group are coupled, so per-sample gradient
+    penalties are computed within groups (as in StyleGAN2).
+
+    Args:
+        group_size: Samples per group.
+        num_channels: Number of channel slices (extra output channels).
+
+    Shapes:
+        ``(B, C, *spatial) -> (B, C + num_channels, *spatial)``.
+    """
+
+    def __init__(self, group_size: int = 4, num_channels: int = 1) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.num_channels = num_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Append the group statistics to ``x`` of shape ``(B, C, *spatial)``."""
+        batch, channels = x.shape[:2]
+        spatial = x.shape[2:]
+        if channels % self.num_channels:
+            raise ValueError(
+                f"MinibatchStdDev: {channels} channels are not divisible into "
+                f"num_channels={self.num_channels} slices"
+            )
+        group = min(self.group_size, batch)
+        if batch % group:
+            group = batch
+        y = x.reshape(group, batch // group, self.num_channels, channels // self.num_channels, -1)
+        y = (y.float().var(dim=0, unbiased=False) + 1e-8).sqrt()  # (B/G, F, C/F, N)
+        y = y.mean(dim=(2, 3)).to(x.dtype)  # (B/G, F)
+        y = y.repeat(group, 1).reshape(batch, self.num_channels, *(1,) * len(spatial))
+        return torch.cat([x, y.expand(batch, self.num_channels, *spatial)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, num_channels={self.num_channels}"
