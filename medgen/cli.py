@@ -39,7 +39,10 @@ def _sample(cfg: DictConfig) -> None:
 def _eval(cfg: DictConfig) -> None:
     from medgen.runs import evaluate
 
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message, not a traceback
+        raise SystemExit(f"medgen-eval: {err}") from None
 
 
 def _config_dir(args: list[str]) -> str | None:
@@ -154,3 +157,10 @@ def _encode(cfg: DictConfig) -> None:
 def encode_main() -> None:
     """Entry point of ``medgen-encode``."""
     _encode()
+
+
+def convert_main() -> None:
+    """Entry point of ``medgen-convert SRC DST --from NAME [key=value ...]`` (no Hydra)."""
+    from medgen.convert import main
+
+    raise SystemExit(main())

@@ -70,8 +70,8 @@ class _RangeResolver:
         if value is None:
             raise MedgenIOError(
                 f"{path}: holds {source_dtype} values, which have no fixed range; pass "
-                "data_range=... (the width of the intensity scale, e.g. 1.0 for [0, 1] or 4095 for "
-                "12-bit CT) to evaluate_folders"
+                "data_range=R (medgen-eval data_range=R: the width of the intensity scale, e.g. "
+                "1.0 for [0, 1] or 4095 for 12-bit CT)"
             )
         if self.derived is None:
             self.derived, self.source, self.first = value, source_dtype, path

@@ -17,7 +17,7 @@ from medgen.utils.files import ensure_writable_dir
 
 log = logging.getLogger("medgen")
 
-__all__ = ["read_references", "sample", "write_samples"]
+__all__ = ["read_references", "sample", "write_audited_samples", "write_samples"]
 
 
 def write_samples(
@@ -72,6 +72,68 @@ def read_references(folder: str | os.PathLike, model: torch.nn.Module) -> torch.
     return torch.stack(images)
 
 
+def write_audited_samples(model: torch.nn.Module, cfg: DictConfig, extra: dict) -> list[Path]:
+    """Draw samples, audit them against the training images in ``cfg.audit_against``, write.
+
+    A sample closer to a training image than the audit threshold (see
+    :mod:`medgen.metrics.audit`; leave-one-out baseline among the training images) is not
+    written with ``audit_action=refuse`` (the default), or written with ``_flagged`` in its name
+    with ``audit_action=mark``. ``audit.json`` in the output folder lists the flagged samples,
+    their nearest training files and the threshold.
+    """
+    from medgen.metrics.audit import memorisation_audit
+    from medgen.utils.files import write_json
+
+    action = str(cfg.get("audit_action", "refuse"))
+    if action not in ("refuse", "mark"):
+        raise ValueError(f"audit_action must be 'refuse' or 'mark', got {action!r}")
+    output_dir = ensure_writable_dir(cfg.output_dir, "sample folder")
+    images = model.sample(
+        int(cfg.num_samples),
+        seed=int(cfg.seed),
+        batch_size=int(cfg.get("batch_size", 16)),
+        **extra,
+    )
+    from medgen.data.io import list_images
+
+    train_files = list_images(cfg.audit_against)
+    train = read_references(cfg.audit_against, model)
+    low, high = (float(v) for v in model.value_range)
+    unit = (images.detach().float().cpu().clamp(low, high) - low) / (high - low)
+    result = memorisation_audit(
+        list(unit), list((train - low) / (high - low)), None, **dict(cfg.get("audit_options") or {})
+    )
+    flagged = [int(i) for i in torch.nonzero(result.flagged).flatten()]
+    units = str(cfg.get("output_units", "model"))
+    if action == "refuse":
+        keep = [i for i in range(len(images)) if i not in set(flagged)]
+        paths = write_images(model, images[keep], output_dir, "sample", units=units) if keep else []
+    else:
+        paths = write_images(model, images, output_dir, "sample", units=units)
+        for i in flagged:
+            stem = f"sample_{i:04d}"
+            target = paths[i].with_name(paths[i].name.replace(stem, f"{stem}_flagged", 1))
+            paths[i] = paths[i].rename(target)
+    summary = result.summary()
+    summary["action"] = action
+    summary["training_images"] = str(cfg.audit_against)
+    summary["nearest_training_file"] = {
+        str(i): train_files[int(result.pixel_nearest[i])].name for i in flagged
+    }
+    write_json(summary, output_dir / "audit.json")
+    if flagged:
+        log.warning(
+            "medgen: %d of %d samples are closer to a training image than the audit threshold "
+            "(correlation %.4f): %s (see %s)",
+            len(flagged),
+            len(images),
+            summary["pixel"]["threshold_correlation"],
+            "not written" if action == "refuse" else "written with _flagged in the name",
+            output_dir / "audit.json",
+        )
+    return paths
+
+
 def sample(cfg: DictConfig) -> list[Path]:
     """Write ``cfg.num_samples`` samples of ``cfg.checkpoint`` to ``cfg.output_dir``.
 
@@ -108,14 +170,17 @@ def sample(cfg: DictConfig) -> list[Path]:
                 f"'{cfg.checkpoint}' holds a {type(model).__name__}: "
                 f"{', '.join(f'{k}=' for k in extra)} are sampler settings of diffusion models"
             )
-        paths = write_samples(
-            model,
-            cfg.output_dir,
-            int(cfg.num_samples),
-            int(cfg.seed),
-            int(cfg.get("batch_size", 16)),
-            units=str(cfg.get("output_units", "model")),
-            **extra,
-        )
+        if cfg.get("audit_against"):
+            paths = write_audited_samples(model, cfg, extra)
+        else:
+            paths = write_samples(
+                model,
+                cfg.output_dir,
+                int(cfg.num_samples),
+                int(cfg.seed),
+                int(cfg.get("batch_size", 16)),
+                units=str(cfg.get("output_units", "model")),
+                **extra,
+            )
     log.info("medgen: wrote %d samples to %s", len(paths), cfg.output_dir)
     return paths
