@@ -44,7 +44,9 @@ __all__ = [
     "convert",
     "get_converter",
     "load_foreign_state",
+    "main",
     "map_state",
+    "parse_options",
 ]
 
 
@@ -218,3 +220,61 @@ def check_destination(destination: str | os.PathLike) -> Path:
                 "choose a new folder (nothing was written)"
             )
     return path
+
+
+def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["channels=[8, 16]", "with_conditioning=true"]`` -> a dict of YAML-parsed values.
+
+    Raises:
+        ConversionError: naming an item that is not ``key=value``.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConversionError(f"net option {item!r} is not key=value (e.g. channels=[8,16])")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConversionError(f"net option {item!r}: value is not valid YAML: {err}") from err
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``medgen-convert SRC DST --from NAME [key=value ...]``: see :func:`convert`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="medgen-convert",
+        description="Convert foreign weights (MONAI, pix2pix/CycleGAN) into a medgen export "
+        "folder (config.json + model.safetensors) that medgen.load and model.init_from read.",
+    )
+    parser.add_argument("source", help="foreign weights (.pt, .pth, .ckpt or .safetensors)")
+    parser.add_argument("destination", help="new export folder")
+    parser.add_argument("--from", dest="name", required=True, choices=sorted(CONVERTERS))
+    parser.add_argument(
+        "options",
+        nargs="*",
+        metavar="key=value",
+        help="the foreign net's constructor arguments, e.g. spatial_dims=2 channels=[32,64]",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="an argument of the medgen model family (repeatable), e.g. --model prediction=v",
+    )
+    args = parser.parse_intermixed_args(argv)
+    try:
+        options = parse_options(args.options)
+        model = parse_options(args.model)
+        if model:
+            options["model"] = model
+        folder = convert(args.name, args.source, args.destination, **options)
+    except ConversionError as err:
+        parser.exit(2, f"medgen-convert: error: {err}\n")
+    print(f"wrote {folder}")
+    return 0
