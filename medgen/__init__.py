@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from medgen.pretrained import CheckpointError, load
+from medgen.finetune.adapters import load  # medgen.load: exports, checkpoints, adapters
+from medgen.pretrained import CheckpointError
 from medgen.version import __version__
 
 _RUNS = ("compose", "encode", "evaluate", "list_experiments", "sample", "train", "write_samples")

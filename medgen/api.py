@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from medgen.finetune.adapters import load as load
 from medgen.pretrained import CheckpointError as CheckpointError
-from medgen.pretrained import load as load
 
 #: Public name -> module that defines it.
 _EXPORTS = {

@@ -116,6 +116,11 @@ def save_pretrained(
 def _load_folder(directory: Path) -> torch.nn.Module:
     config_path = directory / CONFIG_NAME
     weights_path = directory / WEIGHTS_NAME
+    if config_path.is_file() and '"medgen-adapter/' in config_path.read_text(errors="replace"):
+        raise CheckpointError(
+            f"'{directory}' is a LoRA adapter folder: load it with medgen.load (or "
+            "medgen.finetune.load), which applies it to its base model"
+        )
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"exported model folder '{directory}' has no '{p.name}'")

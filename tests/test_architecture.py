@@ -29,6 +29,7 @@ LAYERS = {
     "losses": 3,
     "pretrained": 3,
     "models": 4,
+    "finetune": 4,  # init_from, freezing, LoRA: used by models' optimisers and by medgen.load
     "callbacks": 5,
     "convert": 5,  # foreign weights -> medgen exports (nets, models, pretrained)
     "runs": 6,

@@ -56,6 +56,9 @@ class GenerativeModule(L.LightningModule):
     export_modules: tuple[str, ...] = ()
     #: What the family can do (names from :data:`CAPABILITIES`); see :meth:`supports`.
     capabilities: frozenset[str] = frozenset({SAMPLE})
+    #: Keys of a model config read by the run, never passed to the constructor
+    #: (:func:`medgen.utils.instantiate.instantiate` skips them; :mod:`medgen.finetune`).
+    config_only_keys: tuple[str, ...] = ("init_from", "finetune")
 
     def supports(self, capability: str) -> bool:
         """Whether this model can do ``capability`` (one of :data:`CAPABILITIES`).
@@ -142,8 +145,22 @@ class GenerativeModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def build_optimizer(self, params, config: Mapping[str, Any] | None = None):
-        """Instantiate an optimiser config for ``params``."""
-        return instantiate(dict(config or self.optimizer_config), params)
+        """Instantiate an optimiser config for ``params`` (through :meth:`param_groups`)."""
+        config = dict(config or self.optimizer_config)
+        return instantiate(config, self.param_groups(params, config))
+
+    def param_groups(self, params, config: Mapping[str, Any]) -> list:
+        """The hook every family's optimisers go through: ``params`` as optimiser groups.
+
+        One group by default; with fine-tuning (``model.finetune.lr_multipliers``, set up by
+        :func:`medgen.finetune.setup_finetune` as ``finetune_plan``) one group per factor.
+        Frozen parameters stay in their group: they get no gradient, so the optimiser skips
+        them until ``unfreeze_at_step`` unfreezes them.
+        """
+        plan = getattr(self, "finetune_plan", None)
+        if plan is None:
+            return list(params)
+        return plan.param_groups(self, params, config)
 
     def build_scheduler(self, optimizer, config: Mapping[str, Any] | None = None):
         """Instantiate a scheduler config as a Lightning scheduler dict (or ``None``)."""
@@ -215,11 +232,15 @@ class GenerativeModule(L.LightningModule):
         """Export the inference nets as ``config.json`` + ``model.safetensors`` in ``directory``.
 
         The current weights are written; to export EMA weights, call this inside the EMA
-        callback's :meth:`~medgen.callbacks.EMA.swapped` context (``medgen-train`` does).
+        callback's :meth:`~medgen.callbacks.EMA.swapped` context (``medgen-train`` does). LoRA
+        adapters are merged into the written weights (the model keeps them unmerged).
         """
-        return pretrained.save_pretrained(
-            self, directory, self.export_init_args(), self.export_modules, self.data_info
-        )
+        from medgen.finetune.lora import merged_adapters
+
+        with merged_adapters(self):
+            return pretrained.save_pretrained(
+                self, directory, self.export_init_args(), self.export_modules, self.data_info
+            )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> GenerativeModule:

@@ -38,6 +38,9 @@ def _resolve_resume(resume: str | None, checkpoint_dir: Path, output_dir: Path) 
     if resume == "auto":
         return _latest_checkpoint(checkpoint_dir, output_dir)
     path = checkpoint_dir / "last.ckpt" if resume == "last" else Path(resume)
+    from medgen.finetune import check_resume_path
+
+    check_resume_path(path)  # an export folder: say to use model.init_from
     load_checkpoint_file(path)  # a clear error for a missing or corrupt file, before training
     return str(path)
 
@@ -168,11 +171,23 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
     # the first training items against data.channels/spatial_dims/value_range, before the model
     # is built (the model's channels follow the data's when they are ${data.channels})
     preflight_data(cfg, datamodule)
-    model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all")
+    model_cfg = to_plain(cfg.model)
+    model = instantiate(model_cfg, _recursive_=False, _convert_="all")
     callbacks = _build_list(cfg.get("callbacks"))
+    # model.init_from / model.finetune.*: load weights (a new run: fresh optimiser, step 0, EMA
+    # from the loaded weights), freeze, LoRA, learning-rate factors; skipped init when resuming
+    from medgen.convert import convert
+    from medgen.finetune import resume_messages, setup_finetune
+
+    callbacks += setup_finetune(model, model_cfg, ckpt_path is not None, output_dir, convert)
     loggers = _build_list(cfg.get("logger"))
     if ckpt_path is not None:  # rows logged after the checkpoint are logged again
-        step = int(load_checkpoint_file(ckpt_path).get("global_step", 0))
+        ckpt = load_checkpoint_file(ckpt_path)
+        step = int(ckpt.get("global_step", 0))
+        restored, overridden = resume_messages(ckpt_path, ckpt, model_cfg)
+        log.info("%s", restored)
+        for message in overridden:
+            log.warning("%s", message)
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 trim_metrics_csv(Path(logger.log_dir) / "metrics.csv", step)
@@ -204,6 +219,11 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
         model_dir = Path(cfg.paths.model_dir)
         _export(model, trainer, callbacks, checkpoint_dir / "last.ckpt", model_dir)
         result["model_dir"] = str(model_dir)
+        from medgen.finetune import export_adapter
+
+        adapter_dir = export_adapter(model, output_dir / "adapter", callbacks)
+        if adapter_dir is not None:  # a LoRA run: the adapter alone, on its init_from base
+            result["adapter_dir"] = str(adapter_dir)
         if cfg.get("num_samples", 0) > 0 and model.supports(SAMPLE):
             exported = load(model_dir)
             result["samples"] = [

@@ -81,7 +81,10 @@ def _build(node: Any, args: tuple[Any, ...], recursive: bool, path: str) -> Any:
         positional = list(args) or [
             child(v, f"_args_[{i}]") for i, v in enumerate(node.get("_args_", ()))
         ]
-        kwargs = {k: child(v, str(k)) for k, v in node.items() if k not in _SPECIAL}
+        # Keys a target declares as read by the run, not by its constructor (a model's
+        # ``init_from``/``finetune``, :attr:`medgen.models.base.GenerativeModule.config_only_keys`).
+        skip = (*_SPECIAL, *getattr(target, "config_only_keys", ()))
+        kwargs = {k: child(v, str(k)) for k, v in node.items() if k not in skip}
         if node.get("_partial_", False):
             return functools.partial(target, *positional, **kwargs)
         try:
