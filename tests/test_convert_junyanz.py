@@ -173,7 +173,13 @@ def test_old_files_dataparallel_prefix_and_instance_norm_statistics(tmp_path):
     torch.save({f"module.{k}": v for k, v in old_state.items()}, tmp_path / "latest_net_G_B.pth")
     model = medgen.load(
         convert_cyclegan(
-            tmp_path, tmp_path / "export", netG="unet_32", ngf=4, input_nc=1, output_nc=1
+            tmp_path,
+            tmp_path / "export",
+            netG="unet_32",
+            ngf=4,
+            input_nc=1,
+            output_nc=1,
+            model={"value_range": [0.0, 255.0]},
         )
     )
     # today's upstream net (no running statistics) with the same weights
@@ -185,6 +191,7 @@ def test_old_files_dataparallel_prefix_and_instance_norm_statistics(tmp_path):
     with torch.no_grad():
         _close(model.generator_ab(x), new(x.clone()))
     assert model.lambda_identity == 0.5
+    assert list(model.hparams["value_range"]) == [0.0, 255.0]  # the model option reached it
 
     g = _randomise(up.UnetGenerator(1, 1, 5, 4, up.get_norm_layer("batch")), 2)
     torch.save(

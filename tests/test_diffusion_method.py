@@ -59,9 +59,12 @@ def test_published_schedules():
     T = 1000
     lin = make_betas("linear", T).double()
     torch.testing.assert_close(lin, torch.linspace(1e-4, 0.02, T, dtype=torch.float64))
-    scaled = make_betas("scaled_linear", T).double()
-    expected = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    scaled = make_betas("scaled_linear", T).double()  # MONAI's / diffusers' default betas
+    expected = torch.linspace(1e-4**0.5, 0.02**0.5, T, dtype=torch.float64) ** 2
     torch.testing.assert_close(scaled, expected)
+    scaled = make_betas("scaled_linear", T, beta_start=0.00085, beta_end=0.012).double()
+    expected = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    torch.testing.assert_close(scaled, expected)  # Stable Diffusion's, explicitly
     # Cosine (Nichol & Dhariwal 2021, Eq. 17): alpha_bar at 0-based index i is f(i+1)/f(0),
     # except where beta hits its 0.999 clip at the very end.
     cos = NoiseSchedule("cosine", T)

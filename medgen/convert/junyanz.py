@@ -69,6 +69,7 @@ _COMMON = {
     "direction": "AtoB",
     "epoch": "latest",
     "discriminators": True,
+    "model": {},
 }
 #: pix2pix's own defaults (models/pix2pix_model.py sets norm, netG, gan_mode, pool_size).
 _PIX2PIX = {
@@ -150,10 +151,14 @@ def _options(defaults: Mapping[str, Any], folder: Path, given: Mapping[str, Any]
     if (folder / "train_opt.txt").is_file():
         source = str(folder / "train_opt.txt")
         for name, value in read_train_options(folder / "train_opt.txt").items():
-            if name in defaults and name not in ("epoch", "discriminators"):
+            if name in defaults and name not in ("epoch", "discriminators", "model"):
                 options[name] = _typed(name, value, defaults[name], source)
     for name, value in given.items():
         options[name] = _typed(name, value, defaults[name], "options")
+    if not isinstance(options["model"], Mapping):
+        raise ConversionError(
+            f"model must be a mapping of model arguments, got {options['model']!r}"
+        )
     if options["norm"] not in _NORMS:
         raise ConversionError(f"norm must be one of {', '.join(_NORMS)}, got {options['norm']!r}")
     if options["gan_mode"] not in UPSTREAM_GAN_MODES:
@@ -400,7 +405,8 @@ def convert_pix2pix(
             ``gan_mode`` (``vanilla``), ``lambda_L1`` (100), ``lr``, ``beta1``, ``init_type``,
             ``init_gain``, ``direction`` (``AtoB``; ``BtoA`` translates the data's ``b`` to
             ``a``), ``epoch`` (``latest``), ``discriminators`` (True: include ``net_D`` when the
-            folder has it).
+            folder has it), ``model`` (further :class:`~medgen.models.Pix2Pix` arguments, e.g.
+            ``{"value_range": [0, 65535]}``; ``medgen-convert --model key=value``).
 
     Returns:
         The export folder; ``medgen.load`` gives a Pix2Pix whose generator (and discriminator)
@@ -432,7 +438,7 @@ def convert_pix2pix(
         init_type=opt["init_type"],
         init_gain=opt["init_gain"],
         optimizer_g=_optimizer(opt),
-        **_keys(opt),
+        **{**_keys(opt), **dict(opt["model"])},
     )
     _load_into(model.generator, g_path, g_config, generator_key_map(model.generator, g_config))
     modules: tuple[str, ...] = ("generator",)
@@ -464,7 +470,7 @@ def convert_cyclegan(
             ``no_dropout`` (True), ``gan_mode`` (``lsgan``), ``lambda_A``, ``lambda_B`` (10),
             ``lambda_identity`` (0.5; set to 0 when the domains' channels differ), ``pool_size``
             (50), ``lr``, ``beta1``, ``init_type``, ``init_gain``, ``direction``, ``epoch``,
-            ``discriminators``.
+            ``discriminators``, ``model`` (further :class:`~medgen.models.CycleGAN` arguments).
 
     Returns:
         The export folder.
@@ -508,7 +514,7 @@ def convert_cyclegan(
         init_type=opt["init_type"],
         init_gain=opt["init_gain"],
         optimizer_g=_optimizer(opt),
-        **_keys(opt),
+        **{**_keys(opt), **dict(opt["model"])},
     )
     parts = [
         ("generator_ab", ga_path, g_ab, generator_key_map),

@@ -14,11 +14,18 @@ Schedules (``kind``):
 
 - ``linear``: ``beta_t`` evenly spaced from ``beta_start = 1e-4`` to ``beta_end = 0.02`` (Ho et al.
   2020, Sec. 4).
-- ``scaled_linear``: ``sqrt(beta_t)`` evenly spaced, defaults ``0.00085 .. 0.012`` (the latent
-  diffusion / Stable Diffusion schedule; Rombach et al., CVPR 2022).
+- ``scaled_linear``: ``sqrt(beta_t)`` evenly spaced, defaults ``1e-4 .. 0.02`` as MONAI's and
+  diffusers' schedulers (so a MONAI config without explicit betas gives the same schedule). The
+  latent diffusion / Stable Diffusion betas (Rombach et al., CVPR 2022) are
+  :data:`STABLE_DIFFUSION_BETAS` ``= (0.00085, 0.012)``: pass them as ``beta_start`` /
+  ``beta_end``. They were the default up to medgen 0.1.0; configs stored by that version keep
+  them (:func:`upgrade_stored_schedule`).
 - ``cosine``: ``alpha_bar(t) = f(t) / f(0)`` with ``f(t) = cos^2((t / T + s) / (1 + s) * pi / 2)``,
-  ``s = 0.008``, betas clipped to 0.999 (Nichol & Dhariwal, "Improved Denoising Diffusion
-  Probabilistic Models", ICML 2021, Eq. 17).
+  ``s = 0.008``, computed in float64, betas clipped to ``max_beta`` (Nichol & Dhariwal, "Improved
+  Denoising Diffusion Probabilistic Models", ICML 2021, Eq. 17 and Sec. 3.2: 0.999, the
+  default, also MONAI's and diffusers'; the DDPM code of Medical Diffusion, Khader et al. 2023,
+  and of lucidrains' denoising-diffusion-pytorch that it builds on clips at 0.9999, which only
+  changes the last betas).
 - ``sigmoid``: ``alpha_bar(t) = (sigmoid(end / tau) - sigmoid((t/T (end - start) + start) / tau)) /
   (sigmoid(end / tau) - sigmoid(start / tau))`` (Jabri et al., "Scalable Adaptive Computation for
   Iterative Generation", ICML 2023; Chen, "On the Importance of Noise Scheduling for Diffusion
@@ -31,8 +38,10 @@ Nichol & Dhariwal do, or use the cosine or sigmoid schedule, which adapt to any 
 Continuous schedules are sampled as MONAI does for the cosine one: ``alpha_bar[i] = gamma((i + 1)
 / T)``, so index ``T - 1`` is (nearly) pure noise and index 0 is barely noisy.
 
-The linear, scaled-linear and cosine betas come from MONAI's ``NoiseSchedules`` (the same numbers
-as ``monai.networks.schedulers.DDPMScheduler``, so MONAI-trained nets drop in); MONAI's
+The linear and scaled-linear betas come from MONAI's ``NoiseSchedules`` (the same numbers as
+``monai.networks.schedulers.DDPMScheduler``, so MONAI-trained nets drop in); the cosine betas
+are computed here in float64 (MONAI's are float32 and clipped at 0.999 inside, which leaves no
+room for another clip; the two agree to float32 rounding, about 1e-7); MONAI's
 ``sigmoid_beta`` is a sigmoid in *beta*, not the sigmoid-in-``alpha_bar`` schedule of Jabri et al.
 / Chen, which is ours. MONAI's schedulers are stateful step objects (``set_timesteps`` then
 ``step``) with the prediction type fixed at construction; medgen keeps the schedule (this module)
@@ -42,16 +51,33 @@ apart from the objective and the sampler, so only the betas are taken from MONAI
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SCHEDULES", "NoiseSchedule", "cosine_alpha_bar", "make_betas", "sigmoid_alpha_bar"]
+__all__ = [
+    "SCHEDULES",
+    "STABLE_DIFFUSION_BETAS",
+    "NoiseSchedule",
+    "cosine_alpha_bar",
+    "make_betas",
+    "resolve_schedule",
+    "sigmoid_alpha_bar",
+    "upgrade_stored_schedule",
+]
 
 #: Names of the available schedules.
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 
-_DEFAULT_BETAS = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012)}
+#: ``(beta_start, beta_end)`` of latent diffusion / Stable Diffusion's scaled-linear schedule
+#: (Rombach et al. 2022), the ``scaled_linear`` default of medgen 0.1.0.
+STABLE_DIFFUSION_BETAS = (0.00085, 0.012)
+
+# MONAI's and diffusers' defaults for both (DDPMScheduler beta_start=1e-4, beta_end=0.02).
+_DEFAULT_BETAS = {"linear": (1e-4, 2e-2), "scaled_linear": (1e-4, 2e-2)}
+_DEFAULT_MAX_BETA = 0.999
 
 
 def sigmoid_alpha_bar(
@@ -91,20 +117,22 @@ def make_betas(
     sigmoid_start: float = -3.0,
     sigmoid_end: float = 3.0,
     sigmoid_tau: float = 1.0,
-    max_beta: float = 0.999,
+    max_beta: float = _DEFAULT_MAX_BETA,
 ) -> Tensor:
     """The ``(T,)`` betas of a named schedule (float32).
 
     Args:
         kind: One of :data:`SCHEDULES`.
         num_train_timesteps: ``T``.
-        beta_start: First beta of ``linear`` / ``scaled_linear`` (defaults: 1e-4 / 0.00085).
-        beta_end: Last beta of ``linear`` / ``scaled_linear`` (defaults: 0.02 / 0.012).
+        beta_start: First beta of ``linear`` / ``scaled_linear`` (default 1e-4 for both).
+        beta_end: Last beta of ``linear`` / ``scaled_linear`` (default 0.02 for both; Stable
+            Diffusion's scaled-linear betas are :data:`STABLE_DIFFUSION_BETAS`).
         cosine_s: Offset ``s`` of the cosine schedule.
         sigmoid_start: ``start`` of the sigmoid schedule.
         sigmoid_end: ``end`` of the sigmoid schedule.
         sigmoid_tau: ``tau`` of the sigmoid schedule.
-        max_beta: Upper clip of the betas of the cosine and sigmoid schedules.
+        max_beta: Upper clip of the betas of the cosine and sigmoid schedules (0.999; Medical
+            Diffusion's cosine: 0.9999).
 
     Returns:
         Betas of shape ``(T,)``.
@@ -126,14 +154,56 @@ def make_betas(
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {lo}, {hi}")
         name = "linear_beta" if kind == "linear" else "scaled_linear_beta"
         return NoiseSchedules[name](num_train_timesteps, beta_start=lo, beta_end=hi).float()
+    if not 0.0 < max_beta < 1.0:
+        raise ValueError(f"max_beta must be in (0, 1), got {max_beta}")
     if kind == "cosine":
-        betas, _, _ = NoiseSchedules["cosine"](num_train_timesteps, s=cosine_s)
-        return betas.float().clamp(max=max_beta)
+        t = torch.linspace(0.0, 1.0, num_train_timesteps + 1, dtype=torch.float64)
+        return _betas_from_alpha_bar(cosine_alpha_bar(t, cosine_s), max_beta).float()
     if sigmoid_end <= sigmoid_start or sigmoid_tau <= 0:
         raise ValueError("the sigmoid schedule needs sigmoid_start < sigmoid_end and tau > 0")
     t = torch.linspace(0.0, 1.0, num_train_timesteps + 1, dtype=torch.float64)
     alpha_bar = sigmoid_alpha_bar(t, sigmoid_start, sigmoid_end, sigmoid_tau)
     return _betas_from_alpha_bar(alpha_bar, max_beta).float()
+
+
+def resolve_schedule(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``schedule`` (:class:`NoiseSchedule` kwargs) with the defaults its kind uses written out.
+
+    A model records the resolved schedule, so that what it was trained with does not change when
+    a default does: ``kind``, ``num_train_timesteps``, and ``beta_start``/``beta_end`` (linear,
+    scaled-linear) or ``max_beta`` (cosine, sigmoid) are always present.
+    """
+    out = dict(schedule or {})
+    kind = out.setdefault("kind", "linear")
+    out.setdefault("num_train_timesteps", 1000)
+    if kind in _DEFAULT_BETAS:
+        lo, hi = _DEFAULT_BETAS[kind]
+        if out.get("beta_start") is None:
+            out["beta_start"] = lo
+        if out.get("beta_end") is None:
+            out["beta_end"] = hi
+    elif kind in SCHEDULES and out.get("max_beta") is None:
+        out["max_beta"] = _DEFAULT_MAX_BETA
+    return out
+
+
+def upgrade_stored_schedule(schedule: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The schedule a config stored by medgen 0.1.0 meant, or ``None`` if it means the same today.
+
+    medgen 0.1.0 recorded the schedule as given, and its ``scaled_linear`` default was
+    :data:`STABLE_DIFFUSION_BETAS`; a stored ``scaled_linear`` schedule without ``beta_start`` /
+    ``beta_end`` therefore gets those (today's configs always record them, see
+    :func:`resolve_schedule`).
+    """
+    stored = dict(schedule or {})
+    if stored.get("kind") != "scaled_linear":
+        return None
+    missing = [i for i, k in enumerate(("beta_start", "beta_end")) if stored.get(k) is None]
+    if not missing:
+        return None
+    for i in missing:
+        stored[("beta_start", "beta_end")[i]] = STABLE_DIFFUSION_BETAS[i]
+    return resolve_schedule(stored)
 
 
 def broadcast_to_batch(values: Tensor, like: Tensor) -> Tensor:

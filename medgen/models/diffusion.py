@@ -48,6 +48,7 @@ from medgen.diffusion import (
     make_process,
     repaint_hook,
 )
+from medgen.diffusion.schedules import resolve_schedule, upgrade_stored_schedule
 from medgen.metrics.fidelity import RandomConvFeatures, mmd_rbf
 from medgen.models.base import SAMPLE, SAMPLER_OPTIONS, GenerativeModule, seeded_generator
 from medgen.utils.instantiate import instantiate
@@ -132,7 +133,9 @@ class Diffusion(GenerativeModule):
         val_sampler: Sampler of validation samples (keep it cheap).
         guidance_scale: Default classifier-free guidance scale of :meth:`sample`.
         clip_sample: Clamp predicted clean images to ``[-1, 1]`` while sampling (default: on in
-            pixel space, off in latent space and for ``flow``).
+            pixel space, off in latent space and for ``flow``). In latent space it clamps the
+            predicted clean latents, as Medical Diffusion does with its min-max normalised
+            latents (``latent_scale: codebook``).
         autoencoder: Latent mode: path of a frozen autoencoder (``.ckpt`` or exported folder) with
             ``encode`` / ``decode``.
         autoencoder_config: Filled in from ``autoencoder`` (its ``_target_`` and constructor
@@ -140,7 +143,10 @@ class Diffusion(GenerativeModule):
         latent_channels: Makes a latent model without an autoencoder yet (so that a config
             composes and builds before the autoencoder exists; training and sampling then ask for
             ``autoencoder``). An autoencoder's own latent channels take precedence.
-        latent_scale: Factor applied to latents, or ``"auto"`` (1 / std of the first batch).
+        latent_scale: Factor applied to latents, ``"auto"`` (1 / std of the first batch) or
+            ``"codebook"``: map the value range of a VQ autoencoder's codebook onto ``[-1, 1]``
+            (a scale and a shift, read from the codebook when used), Medical Diffusion's latent
+            normalisation (Khader et al. 2023).
         decode_kwargs: Extra keyword arguments of the autoencoder's ``decode`` (e.g. ``tile``).
         pre_encoded: Batches already hold scaled latents (``medgen-encode`` +
             :class:`medgen.data.LatentDataset`); ``latent_scale`` must then be the folder's
@@ -208,6 +214,8 @@ class Diffusion(GenerativeModule):
         val_features_width: int = 16,
     ) -> None:
         optimizer = dict(optimizer or DEFAULT_DIFFUSION_OPTIMIZER)
+        if prediction != "flow":  # record the betas used, not the defaults of the day
+            schedule = resolve_schedule(schedule)
         super().__init__(spatial_dims, value_range, optimizer, scheduler, spacing)
         self.save_hyperparameters()
         if orientation is not None:
@@ -258,16 +266,18 @@ class Diffusion(GenerativeModule):
         # Latent mode: the frozen autoencoder.
         self.autoencoder: nn.Module | None = None
         self.latent_scale_mode = latent_scale
-        if not (latent_scale == "auto" or isinstance(latent_scale, (int, float))):
-            raise ValueError(f"latent_scale must be a number or 'auto', got {latent_scale!r}")
-        scale0 = math.nan if latent_scale == "auto" else float(latent_scale)
+        if not (latent_scale in ("auto", "codebook") or isinstance(latent_scale, (int, float))):
+            raise ValueError(
+                f"latent_scale must be a number, 'auto' or 'codebook', got {latent_scale!r}"
+            )
+        scale0 = math.nan if isinstance(latent_scale, str) else float(latent_scale)
         self.register_buffer("latent_scale", torch.tensor(scale0, dtype=torch.float32))
         self.decode_kwargs = dict(decode_kwargs or {})
         self.pre_encoded = bool(pre_encoded)
-        if self.pre_encoded and latent_scale == "auto":
+        if self.pre_encoded and isinstance(latent_scale, str):
             raise ValueError(
                 "pre_encoded latents are already scaled: set latent_scale to the scale_factor of "
-                "their latents.json instead of 'auto'"
+                f"their latents.json instead of {latent_scale!r}"
             )
         self.latent_factor: tuple[int, ...] | None = None
         net_channels = channels
@@ -394,6 +404,25 @@ class Diffusion(GenerativeModule):
             self.autoencoder.eval()
         return self
 
+    def codebook_normalisation(self) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` mapping the codebook's value range ``[lo, hi]`` onto ``[-1, 1]``.
+
+        Medical Diffusion normalises latents by the global minimum and maximum of the VQ-GAN's
+        codebook, ``2 (z - lo) / (hi - lo) - 1`` (``latent_scale: codebook``); read from the
+        current codebook, so it follows the autoencoder's weights.
+        """
+        autoencoder = self._require_autoencoder()
+        quantizer = getattr(getattr(autoencoder, "net", None), "quantizer", None)
+        codes = getattr(quantizer, "embedding", None)
+        if not isinstance(codes, Tensor):
+            raise ValueError(
+                "latent_scale='codebook' normalises by a VQ codebook's range; the autoencoder "
+                f"{type(autoencoder).__name__} has none (use a VQGAN, or latent_scale: auto)"
+            )
+        lo, hi = codes.detach().float().min(), codes.detach().float().max()
+        scale = 2.0 / (hi - lo).clamp(min=1e-12)
+        return scale, -1.0 - lo * scale
+
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Images in data units ``(B, C, *spatial)`` -> what the net denoises.
@@ -404,6 +433,9 @@ class Diffusion(GenerativeModule):
             return self.to_net(x.float())
         self._require_autoencoder()
         z = self._encode_raw(x.to(self.device)).float()
+        if self.latent_scale_mode == "codebook":
+            scale, shift = self.codebook_normalisation()
+            return z * scale + shift
         if not torch.isfinite(self.latent_scale):
             std = z.std()
             if self._trainer is not None and self.trainer.world_size > 1:
@@ -422,7 +454,11 @@ class Diffusion(GenerativeModule):
         if not self.is_latent:
             return self.to_data(z.float())
         autoencoder = self._require_autoencoder()
-        z = (z / self.latent_scale).to(self.dtype)
+        if self.latent_scale_mode == "codebook":
+            scale, shift = self.codebook_normalisation()
+            z = ((z - shift) / scale).to(self.dtype)
+        else:
+            z = (z / self.latent_scale).to(self.dtype)
         kwargs = dict(self.decode_kwargs)
         if tiling is None:
             return autoencoder.decode(z, **kwargs).float()
@@ -877,6 +913,44 @@ class Diffusion(GenerativeModule):
             return self.guided_forward(x.to(self.dtype), t, cond, scale).float()
 
         return net_fn
+
+    # ----------------------------------------------------------------- stored configs
+    @staticmethod
+    def upgrade_init_args(init_args: Mapping[str, Any]) -> dict[str, Any]:
+        """Stored constructor arguments as they were meant by the medgen that wrote them.
+
+        medgen 0.1.0 stored the schedule as given and defaulted ``scaled_linear`` to Stable
+        Diffusion's betas (0.00085, 0.012); today's default is MONAI's (1e-4, 0.02) and the
+        betas are always stored. A stored ``scaled_linear`` schedule without betas gets the old
+        ones (see :func:`medgen.diffusion.schedules.upgrade_stored_schedule`).
+        """
+        args = dict(init_args)
+        if args.get("prediction", "epsilon") != "flow":
+            upgraded = upgrade_stored_schedule(args.get("schedule"))
+            if upgraded is not None:
+                args["schedule"] = upgraded
+        return args
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the schedule a checkpoint was trained with (see :meth:`upgrade_init_args`)."""
+        super().on_load_checkpoint(checkpoint)
+        stored = checkpoint.get("hyper_parameters")
+        if not isinstance(stored, Mapping) or "schedule" not in stored:
+            return
+        schedule = self.upgrade_init_args(stored).get("schedule")
+        if schedule == stored.get("schedule") or self.prediction == "flow":
+            return
+        log.warning(
+            "checkpoint written with the old scaled_linear default: keeping its betas %s..%s "
+            "(today's default is 1e-4..0.02)",
+            schedule["beta_start"],
+            schedule["beta_end"],
+        )
+        hp = self.hparams
+        self.process = make_process(
+            self.prediction, schedule, hp["loss"], hp["min_snr_gamma"], hp["flow"]
+        ).to(self.device)
+        self.hparams["schedule"] = schedule
 
     # ----------------------------------------------------------------- export
     def export_init_args(self) -> dict[str, Any]:
