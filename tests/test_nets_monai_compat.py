@@ -211,4 +211,9 @@ def test_legacy_layout_keeps_the_old_conditioned_layout() -> None:
     keys = set(legacy.state_dict())
     assert "mid_block.cross_attn.0.to_kv.weight" in keys
     assert not any(".blocks.0.ff_in." in k for k in keys)
-    assert "mid_block.attn.blocks.0.ff_in.weight" in DiffusionUNet(**cfg).state_dict()
+    current = DiffusionUNet(**cfg)
+    assert "mid_block.attn.blocks.0.ff_in.weight" in current.state_dict()
+    # Old weights say how to load them; with legacy_layout=True they load as they are.
+    with pytest.raises(RuntimeError, match="legacy_layout=True"):
+        current.load_state_dict(legacy.state_dict())
+    DiffusionUNet(**cfg, legacy_layout=True).load_state_dict(legacy.state_dict())

@@ -146,7 +146,18 @@ class Encoder(_CheckpointMixin):
         act: Activation name (see :func:`medgen.nn.get_act_layer`).
         gradient_checkpointing: Recompute ResBlock / attention activations in the backward pass
             to save memory (in training mode with grad enabled only). Results are unchanged.
-        downsample_mode: ``"conv"`` or ``"avgpool"`` (see :class:`medgen.nn.Downsample`).
+        downsample_mode: ``"conv"`` or ``"avgpool"`` (see :class:`medgen.nn.Downsample`), or
+            ``"asymmetric"``: zero padding of one voxel at the end of each axis, then a 3x3
+            stride-2 convolution (latent diffusion's and MONAI's choice).
+        norm_eps: GroupNorm epsilon.
+        act_before_out: Apply the activation between the last norm and ``conv_out`` (MONAI's
+            autoencoders do not).
+        mid_block: ``"auto"`` (``ResBlock → [SelfAttention] → ResBlock``, attention iff the last
+            level has it), ``"attention"`` (always with attention) or ``"none"``.
+        include_fc: Keep the attention output projections.
+        moment_head: ``conv_out`` maps to ``out_channels / 2`` (the latent), followed by a 1x1
+            convolution ``quant_conv`` to the ``out_channels`` moments (MONAI's
+            ``quant_conv_mu`` and ``quant_conv_log_sigma``).
 
     Shapes:
         ``(B, C_in, *spatial) -> (B, C_out, *(spatial / downsample_factor))``.
@@ -300,7 +311,15 @@ class Decoder(_CheckpointMixin):
         act: Activation name (see :func:`medgen.nn.get_act_layer`).
         gradient_checkpointing: Recompute ResBlock / attention activations in the backward pass
             to save memory (in training mode with grad enabled only). Results are unchanged.
-        upsample_mode: ``"nearest_conv"`` or ``"transpose"`` (see :class:`medgen.nn.Upsample`).
+        upsample_mode: ``"nearest_conv"`` or ``"transpose"`` (see :class:`medgen.nn.Upsample`),
+            or ``"deconv"``: a 2x2 transposed convolution with stride 2 (MONAI's
+            ``use_convtranspose``).
+        norm_eps: GroupNorm epsilon.
+        act_before_out: Apply the activation between the last norm and ``conv_out``.
+        mid_block: ``"auto"``, ``"attention"`` or ``"none"`` (see :class:`Encoder`).
+        include_fc: Keep the attention output projections.
+        post_quant_conv: A biased 1x1 convolution on the latent before ``conv_in`` (MONAI's
+            ``post_quant_conv``).
 
     Shapes:
         ``(B, C_in, *spatial) -> (B, C_out, *(spatial * upsample_factor))``.

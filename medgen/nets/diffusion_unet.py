@@ -85,6 +85,18 @@ class _Resample(nn.Module):
         return self.resample(self.res(h, emb))
 
 
+def _legacy_layout_hint(module: DiffusionUNet, state_dict: dict, prefix: str, *args) -> None:
+    # A checkpoint of the pre-#18 conditioned layout: say how to load it (load_state_dict
+    # raises with every message in error_msgs, the last argument).
+    if not module.legacy_layout and any(
+        k.startswith(prefix) and ".cross_attn." in k for k in state_dict
+    ):
+        args[-1].append(
+            "the weights have medgen's conditioned layout from before issue #18 "
+            "(SelfAttention + CrossAttention); build the net with legacy_layout=True to load them"
+        )
+
+
 class DiffusionUNet(nn.Module):
     """Diffusion UNet ``eps_theta(x_t, t, context, class)`` for 2D images and 3D volumes.
 
@@ -380,6 +392,8 @@ class DiffusionUNet(nn.Module):
         self.norm_out = get_norm_layer(norm, spatial_dims, ch)
         self.act_out = nn.SiLU()
         self.conv_out = zero_module(conv(ch, out_channels, 3, padding=1))
+        self.legacy_layout = bool(legacy_layout)
+        self.register_load_state_dict_pre_hook(_legacy_layout_hint)
 
     @property
     def downsample_factor(self) -> int:
