@@ -2,7 +2,7 @@
 
 from medgen.nn.attention import SelfAttention
 from medgen.nn.blocks import ConvBlock, ResBlock, zero_module
-from medgen.nn.cross_attention import CrossAttention
+from medgen.nn.cross_attention import CrossAttention, SpatialTransformer
 from medgen.nn.distributions import DiagonalGaussian
 from medgen.nn.embeddings import timestep_embedding
 from medgen.nn.factories import (
@@ -32,6 +32,7 @@ __all__ = [
     "QuantizerOutput",
     "ResBlock",
     "SelfAttention",
+    "SpatialTransformer",
     "Upsample",
     "VectorQuantizer",
     "avg_pool_nd",

@@ -50,11 +50,13 @@ __all__ = ["FSDP_BLOCKS", "estimate_memory", "fsdp_strategy", "resolve_blocks"]
 
 #: Block names a config may give to ``trainer=fsdp`` (auto-wrap and activation checkpointing)
 #: -> ``"module:class"``. ResBlock and SelfAttention are the repeated units of the diffusion UNet
-#: and of the autoencoders' encoder and decoder; CrossAttention those of conditioned UNets.
+#: and of the autoencoders' encoder and decoder; SpatialTransformer those of conditioned UNets
+#: (CrossAttention those built with legacy_layout=True).
 FSDP_BLOCKS: dict[str, str] = {
     "medgen.nn.ResBlock": "medgen.nn.blocks:ResBlock",
     "medgen.nn.SelfAttention": "medgen.nn.attention:SelfAttention",
     "medgen.nn.CrossAttention": "medgen.nn.cross_attention:CrossAttention",
+    "medgen.nn.SpatialTransformer": "medgen.nn.cross_attention:SpatialTransformer",
     "medgen.nn.ConvBlock": "medgen.nn.blocks:ConvBlock",
     "medgen.nets.DiffusionUNet": "medgen.nets.diffusion_unet:DiffusionUNet",
     "medgen.nets.Encoder": "medgen.nets.autoencoder:Encoder",
