@@ -40,7 +40,7 @@ def bootstrap_ci(
     Args:
         statistic: maps the sets (tensors or arrays indexed along their first axis) to a float.
         sets: the inputs, e.g. ``(real_features, fake_features)``.
-        n_boot: bootstrap rounds.
+        n_boot: bootstrap rounds (0: the value only, with a NaN interval).
         confidence: interval coverage, e.g. 0.95.
         seed: seed of the resampling (NumPy generator; no global state is touched).
         paired: resample all sets with the same indices (they must have the same length, e.g.
@@ -51,8 +51,8 @@ def bootstrap_ci(
         finite (e.g. an AUC on a resample with one class) are dropped, and the interval is NaN
         when fewer than half of the rounds remain.
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0 (0: no interval), got {n_boot}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     lengths = [len(s) for s in sets]
@@ -78,7 +78,7 @@ def bootstrap_ci(
             if math.isfinite(v):
                 values.append(v)
     alpha = (1 - confidence) / 2
-    if len(values) < n_boot / 2:
+    if n_boot == 0 or len(values) < n_boot / 2:
         low = high = float("nan")
     else:
         low, high = (float(q) for q in np.quantile(values, [alpha, 1 - alpha]))

@@ -39,7 +39,7 @@ def metric_rows(result: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     for name, entry in result.get("fidelity", {}).items():
         for plane, values in entry.items():
-            if not isinstance(values, dict) or "fd" not in values:
+            if plane == "mean_over_planes" or not isinstance(values, dict) or "fd" not in values:
                 continue
             where = f"{name} / {entry['protocol_name']}" + (f" / {plane}" if plane != "all" else "")
             rows.append(["fidelity", "FD", where, _with_ci(values["fd"])])
