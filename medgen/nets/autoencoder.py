@@ -87,6 +87,33 @@ class _DeconvUpsample(nn.Module):
         return self.deconv(x)
 
 
+def _block_factories(
+    spatial_dims: int,
+    norm: tuple[str, dict],
+    act: str,
+    num_head_channels: int | None,
+    norm_num_groups: int,
+    norm_eps: float,
+    include_fc: bool,
+) -> tuple[Callable[[int, int], ResBlock], Callable[[int], SelfAttention]]:
+    """Builders of the encoder's and decoder's ResBlocks ``(C_in, C_out)`` and attentions ``(C)``."""
+
+    def res(cin: int, cout: int) -> ResBlock:
+        return ResBlock(spatial_dims, cin, cout, norm=norm, act=act)
+
+    def attention(c: int) -> SelfAttention:
+        return SelfAttention(
+            spatial_dims,
+            c,
+            num_head_channels,
+            norm_num_groups,
+            norm_eps=norm_eps,
+            include_fc=include_fc,
+        )
+
+    return res, attention
+
+
 MID_BLOCKS = ("auto", "attention", "none")
 
 
@@ -198,18 +225,9 @@ class Encoder(_CheckpointMixin):
         conv = conv_nd(spatial_dims)
         norm = ("group", {"num_groups": norm_num_groups, "eps": norm_eps})
 
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(spatial_dims, cin, cout, norm=norm, act=act)
-
-        def attention(c: int) -> SelfAttention:
-            return SelfAttention(
-                spatial_dims,
-                c,
-                num_head_channels,
-                norm_num_groups,
-                norm_eps=norm_eps,
-                include_fc=include_fc,
-            )
+        res, attention = _block_factories(
+            spatial_dims, norm, act, num_head_channels, norm_num_groups, norm_eps, include_fc
+        )
 
         self.conv_in = conv(in_channels, channels[0], 3, padding=1)
 
@@ -358,18 +376,9 @@ class Decoder(_CheckpointMixin):
         conv = conv_nd(spatial_dims)
         norm = ("group", {"num_groups": norm_num_groups, "eps": norm_eps})
 
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(spatial_dims, cin, cout, norm=norm, act=act)
-
-        def attention(c: int) -> SelfAttention:
-            return SelfAttention(
-                spatial_dims,
-                c,
-                num_head_channels,
-                norm_num_groups,
-                norm_eps=norm_eps,
-                include_fc=include_fc,
-            )
+        res, attention = _block_factories(
+            spatial_dims, norm, act, num_head_channels, norm_num_groups, norm_eps, include_fc
+        )
 
         rev_channels, rev_blocks, rev_attn = channels[::-1], blocks[::-1], attn[::-1]
         ch = rev_channels[0]
