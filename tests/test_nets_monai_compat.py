@@ -132,6 +132,7 @@ def test_autoencoderkl_matches_monai(case: str, spatial_dims: int) -> None:
         assert _rel(mu, posterior.mean) < 1e-5
         assert _rel(sigma, posterior.std) < 1e-5
         assert _rel(theirs.decode(mu), ours.decode(posterior.mean)) < 1e-5
+        assert _rel(theirs.reconstruct(x), ours.reconstruct(x)) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -191,6 +192,24 @@ def test_zoo_and_default_configurations_have_monais_parameter_count(net: str, cf
         ours = ours_cls(**cfg)
         positional = ours_cls(*args)
     assert _count(ours) == _count(theirs) == _count(positional)
+
+
+def test_controlnet_residuals_match_monai() -> None:
+    cfg = dict(UNET, spatial_dims=2)
+    theirs = _randomise(monai_nets.DiffusionModelUNet(**cfg))
+    ours = DiffusionUNet(**cfg).eval()
+    ours.load_state_dict(map_state(theirs.state_dict(), ours, diffusion_unet_key_map(ours), "m"))
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(1, 1, 16, 16, generator=g), torch.tensor([4])
+    # conv_in, level-0 block, down-sampling, level-1 block; then the middle block's output
+    shapes = [(8, 16), (8, 16), (8, 8), (16, 8)]
+    down = [torch.randn(1, c, s, s, generator=g) for c, s in shapes]
+    mid = torch.randn(1, 16, 8, 8, generator=g)
+    kwargs = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    with torch.no_grad():
+        assert _rel(theirs(x, t, **kwargs), ours(x, t, **kwargs)) < 1e-5
+    with pytest.raises(ValueError, match="4 skip connections"):
+        ours(x, t, down_block_additional_residuals=down[:3])
 
 
 def test_monai_unit_test_behaviours() -> None:

@@ -581,3 +581,16 @@ class AutoencoderKLNet(nn.Module):
         """Reconstruct ``x`` through a reparameterised posterior sample; (recon, posterior)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator=generator)), posterior
+
+    # MONAI's AutoencoderKL method names, for code ported from MONAI.
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the posterior mean of ``x`` (MONAI's ``reconstruct``)."""
+        return self.decode(self.encode(x).mean)
+
+    def encode_stage_2_inputs(self, x: Tensor) -> Tensor:
+        """A posterior sample of ``x``, the input of a latent diffusion's second stage."""
+        return self.encode(x).sample()
+
+    def decode_stage_2_outputs(self, z: Tensor) -> Tensor:
+        """Images from latents (MONAI's name for :meth:`decode`)."""
+        return self.decode(z)

@@ -413,6 +413,8 @@ class DiffusionUNet(nn.Module):
         timesteps: Tensor,
         context: Tensor | None = None,
         class_labels: Tensor | None = None,
+        down_block_additional_residuals: Sequence[Tensor] | None = None,
+        mid_block_additional_residual: Tensor | None = None,
         scalars: Tensor | None = None,
     ) -> Tensor:
         """Predict the network target (noise, velocity or clean sample) for ``x`` at ``timesteps``.
@@ -424,6 +426,11 @@ class DiffusionUNet(nn.Module):
             context: Context tokens ``(B, M, cross_attention_dim)``; required iff
                 ``with_conditioning``.
             class_labels: Integer class labels ``(B,)``; required iff ``num_class_embeds`` is set.
+            down_block_additional_residuals: Tensors added to the encoder's skip connections (in
+                their order: ``conv_in``, each block, each down-sampling), as MONAI's ControlNet
+                feeds them (Zhang et al., 2023, "Adding Conditional Control to Text-to-Image
+                Diffusion Models").
+            mid_block_additional_residual: Tensor added to the middle block's output.
             scalars: Scalar conditions ``(B, K)`` (NaN = unknown); required iff
                 ``num_scalar_conds`` is set.
 
@@ -480,8 +487,18 @@ class DiffusionUNet(nn.Module):
                 h = self._run(self.downsamples[i], h, emb)
                 skips.append(h)
 
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                    f"tensors; this net keeps {len(skips)} skip connections."
+                )
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+
         h = self._run(self.mid_block, h, emb, context)
         h = self._run(self.mid_res, h, emb)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
 
         for i, level in enumerate(self.up_levels):
             for block in level:
