@@ -192,7 +192,7 @@ def vq_folder(tmp_path_factory):
     return ae.save_pretrained(tmp_path_factory.mktemp("vq") / "ae")
 
 
-def test_codebook_latent_normalisation_and_x0_clamp(vq_folder):
+def test_codebook_latent_normalisation_and_x0_clamp(vq_folder, tmp_path):
     model = Diffusion(
         net=TINY_NET,
         spatial_dims=3,
@@ -219,7 +219,10 @@ def test_codebook_latent_normalisation_and_x0_clamp(vq_folder):
     assert latents.shape == (2, 3, 4, 4, 4) and latents.abs().max() <= 1 + 1e-6
     model.clip_sample = False
     assert model.sample(2, seed=0, return_latents=True).abs().max() > 1.5
-    assert model.export_init_args()["latent_scale"] == "codebook"
+    assert float(model.latent_scale) == pytest.approx(2 / (hi - lo))  # recorded, finite
+    loaded = medgen.load(model.save_pretrained(tmp_path / "model"))
+    assert loaded.hparams["latent_scale"] == "codebook"
+    torch.testing.assert_close(loaded.encode(x), z)
 
 
 def test_codebook_normalisation_needs_a_codebook_and_no_pre_encoded():

@@ -34,8 +34,10 @@ class EMA(L.Callback):
     Args:
         attribute: Name of the submodule to average (dotted paths allowed).
         decay: EMA decay in [0, 1).
-        every_n_steps: Update period in optimiser steps.
-        start_step: Global step before which the shadow just copies the weights.
+        every_n_steps: Update period in optimiser steps (Medical Diffusion: 10).
+        start_step: Global step before which the shadow just copies the weights (Medical
+            Diffusion: 2000, with ``every_n_steps=10``, as its trainer's ``step_start_ema`` and
+            ``update_ema_every``; it counts steps from 0, this callback from 1).
         use_for_validation: Swap the EMA weights in for validation and testing.
     """
 

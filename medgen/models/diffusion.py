@@ -270,7 +270,13 @@ class Diffusion(GenerativeModule):
             raise ValueError(
                 f"latent_scale must be a number, 'auto' or 'codebook', got {latent_scale!r}"
             )
-        scale0 = math.nan if isinstance(latent_scale, str) else float(latent_scale)
+        # "auto": measured on the first batch; "codebook": the codebook's, written when used.
+        if latent_scale == "auto":
+            scale0 = math.nan
+        elif latent_scale == "codebook":
+            scale0 = 1.0
+        else:
+            scale0 = float(latent_scale)
         self.register_buffer("latent_scale", torch.tensor(scale0, dtype=torch.float32))
         self.decode_kwargs = dict(decode_kwargs or {})
         self.pre_encoded = bool(pre_encoded)
@@ -421,6 +427,8 @@ class Diffusion(GenerativeModule):
             )
         lo, hi = codes.detach().float().min(), codes.detach().float().max()
         scale = 2.0 / (hi - lo).clamp(min=1e-12)
+        with torch.no_grad():
+            self.latent_scale.fill_(float(scale))  # for the record; the shift is -1 - lo * scale
         return scale, -1.0 - lo * scale
 
     @torch.no_grad()
@@ -956,6 +964,10 @@ class Diffusion(GenerativeModule):
     def export_init_args(self) -> dict[str, Any]:
         """Constructor arguments with the learned latent scale and the recorded sizes."""
         args = dict(self.hparams)
-        if self.is_latent and torch.isfinite(self.latent_scale):
+        if (
+            self.is_latent
+            and self.latent_scale_mode != "codebook"
+            and torch.isfinite(self.latent_scale)
+        ):
             args["latent_scale"] = float(self.latent_scale)
         return args
