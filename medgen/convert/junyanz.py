@@ -364,19 +364,28 @@ def _folder_and_file(source: Path, suffix: str, epoch: str) -> tuple[Path, Path]
     return source.parent, source
 
 
-def _optimizer(options: Mapping[str, Any]) -> dict[str, Any]:
+def _model_args(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The model arguments both families take from upstream's options, then ``model``'s.
+
+    Channels, GAN loss, initialisation, Adam(lr, (beta1, 0.999)) for both sides, and the batch
+    keys: with ``direction=BtoA`` upstream's A images are the data's ``b``.
+    """
+    b_to_a = options["direction"] == "BtoA"
     return {
-        "_target_": "torch.optim.Adam",
-        "lr": float(options["lr"]),
-        "betas": [float(options["beta1"]), 0.999],
+        "in_channels": options["input_nc"],
+        "out_channels": options["output_nc"],
+        "adv_loss": UPSTREAM_GAN_MODES[options["gan_mode"]],
+        "init_type": options["init_type"],
+        "init_gain": options["init_gain"],
+        "optimizer_g": {
+            "_target_": "torch.optim.Adam",
+            "lr": float(options["lr"]),
+            "betas": [float(options["beta1"]), 0.999],
+        },
+        "source_key": "b" if b_to_a else "a",
+        "target_key": "a" if b_to_a else "b",
+        **dict(options["model"]),
     }
-
-
-def _keys(options: Mapping[str, Any]) -> dict[str, str]:
-    """Batch keys: with ``direction=BtoA`` upstream's A images are the data's ``b``."""
-    if options["direction"] == "BtoA":
-        return {"source_key": "b", "target_key": "a"}
-    return {"source_key": "a", "target_key": "b"}
 
 
 def _write(model: nn.Module, destination: Path, modules: tuple[str, ...]) -> Path:
@@ -429,16 +438,12 @@ def convert_pix2pix(
     )
     d_config = discriminator_config(opt["netD"], opt["ndf"], opt["n_layers_D"], norm)
     model = Pix2Pix(
-        generator=g_config,
-        discriminator=d_config,
-        in_channels=opt["input_nc"],
-        out_channels=opt["output_nc"],
-        adv_loss=UPSTREAM_GAN_MODES[opt["gan_mode"]],
-        lambda_l1=opt["lambda_L1"],
-        init_type=opt["init_type"],
-        init_gain=opt["init_gain"],
-        optimizer_g=_optimizer(opt),
-        **{**_keys(opt), **dict(opt["model"])},
+        **{
+            "generator": g_config,
+            "discriminator": d_config,
+            "lambda_l1": opt["lambda_L1"],
+            **_model_args(opt),
+        }
     )
     _load_into(model.generator, g_path, g_config, generator_key_map(model.generator, g_config))
     modules: tuple[str, ...] = ("generator",)
@@ -501,20 +506,16 @@ def convert_cyclegan(
     d_config = discriminator_config(opt["netD"], opt["ndf"], opt["n_layers_D"], norm)
     identity = opt["lambda_identity"] if opt["input_nc"] == opt["output_nc"] else 0.0
     model = CycleGAN(
-        generator=g_ab,
-        generator_ba=g_ba,
-        discriminator=d_config,
-        in_channels=opt["input_nc"],
-        out_channels=opt["output_nc"],
-        adv_loss=UPSTREAM_GAN_MODES[opt["gan_mode"]],
-        lambda_a=opt["lambda_A"],
-        lambda_b=opt["lambda_B"],
-        lambda_identity=identity,
-        pool_size=opt["pool_size"],
-        init_type=opt["init_type"],
-        init_gain=opt["init_gain"],
-        optimizer_g=_optimizer(opt),
-        **{**_keys(opt), **dict(opt["model"])},
+        **{
+            "generator": g_ab,
+            "generator_ba": g_ba,
+            "discriminator": d_config,
+            "lambda_a": opt["lambda_A"],
+            "lambda_b": opt["lambda_B"],
+            "lambda_identity": identity,
+            "pool_size": opt["pool_size"],
+            **_model_args(opt),
+        }
     )
     parts = [
         ("generator_ab", ga_path, g_ab, generator_key_map),
