@@ -112,3 +112,20 @@ def test_latent_cache_example(
         < 1e-5
     )
     assert list((tmp_path / "offload").iterdir()) == []
+
+
+def test_finetune_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setattr(
+        sys, "argv", ["finetune.py", str(tmp_path), "--epochs", "1", "--size", "16", "--length", "8"]
+    )
+    runpy.run_path(str(EXAMPLES / "finetune.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "0 missing" in out
+    after = float(out.split("after: ")[1].split()[0])
+    adapter = float(out.split("adapter on its base: ")[1].split()[0])
+    assert abs(after - adapter) < 1e-3  # the adapter on its base is the merged export
+    assert (tmp_path / "finetuned" / "adapter" / "adapter.safetensors").is_file()
