@@ -257,3 +257,19 @@ def test_tstr_segmentation_dice():
     )
     assert out["metric"] == "dice" and set(out) >= {"synthetic"} and "real" not in out
     assert 0.0 <= out["synthetic"]["value"] <= 1.0
+
+
+def test_frechet_distance_with_fewer_samples_than_features_is_exact():
+    """The singular-value path (N <= F) equals the eigendecomposition formula (whose square roots
+    of near-zero eigenvalues carry round-off of about 1e-8)."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(10, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(12, 40, generator=g, dtype=torch.float64) * 1.2 + 0.3
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    middle = root @ cov_b @ root
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    want = (a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    with pytest.warns(UserWarning, match="singular"):
+        assert frechet_distance(a, b) == pytest.approx(float(want), rel=1e-6)

@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -87,8 +88,10 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     ``d² = |mu_a - mu_b|² + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2})`` with unbiased covariances.
     The trace of the matrix square root is computed as ``tr((S_a^{1/2} S_b S_a^{1/2})^{1/2})`` from
     symmetric eigendecompositions in float64: the same value (the two products are similar
-    matrices), but symmetric, so no complex round-off as with a general ``sqrtm``. Tiny negative
-    results from round-off are clamped to 0.
+    matrices), but symmetric, so no complex round-off as with a general ``sqrtm``. With no more
+    samples than features (singular covariances) the same trace is the sum of the singular
+    values of ``X_a X_b^T / sqrt((N_a - 1)(N_b - 1))`` (centred features), which is exact and
+    much cheaper. Tiny negative results from round-off are clamped to 0.
 
     Args:
         feats_a: ``(N_a, F)`` features.
@@ -107,11 +110,26 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
             stacklevel=2,
         )
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    root_a = _sqrtm_psd(cov_a)
-    middle = root_a @ cov_b @ root_a
-    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    n, m = len(a), len(b)
+    if min(n, m) <= a.shape[1]:
+        # Few samples: with centred data X_a, X_b, S_a^{1/2} S_b S_a^{1/2} has the nonzero
+        # eigenvalues of S_a S_b, i.e. of M M^T with M = X_a X_b^T / sqrt((n-1)(m-1)); so the
+        # trace of its square root is the sum of the singular values of the (n, m) matrix M.
+        # Exact, and O(n m F) instead of two F x F eigendecompositions.
+        xa, xb = a - mu_a, b - mu_b
+        cross = (xa @ xb.T) / math.sqrt((n - 1) * (m - 1))
+        trace_root = torch.linalg.svdvals(cross).sum()
+        trace_a, trace_b = xa.square().sum() / (n - 1), xb.square().sum() / (m - 1)
+    else:
+        cov_a, cov_b = (
+            torch.cov(a.T).reshape(a.shape[1], -1),
+            torch.cov(b.T).reshape(b.shape[1], -1),
+        )
+        root_a = _sqrtm_psd(cov_a)
+        middle = root_a @ cov_b @ root_a
+        trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+        trace_a, trace_b = cov_a.trace(), cov_b.trace()
+    value = (mu_a - mu_b).square().sum() + trace_a + trace_b - 2 * trace_root
     return max(float(value), 0.0)
 
 
