@@ -125,3 +125,13 @@ def test_image_logger_draws_viz_grids() -> None:
 
     assert image_logger.image_grid is viz.image_grid
     assert image_logger.orthogonal_slices is viz.orthogonal_slices
+
+
+def test_figures_render_as_png_for_notebooks() -> None:
+    """No pyplot and no inline backend needed: IPython displays figures through _repr_png_."""
+    from matplotlib.figure import Figure
+
+    fig = viz.show(torch.rand(2, 1, 8, 8))
+    assert isinstance(fig, Figure)
+    png = fig._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 100

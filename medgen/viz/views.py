@@ -1,12 +1,15 @@
 """Matplotlib views of images and volumes (imported lazily: ``pip install medgen[viz]``).
 
 Every view returns a :class:`matplotlib.figure.Figure` built without pyplot, so nothing is kept
-in pyplot's global list of figures and a notebook shows the figure once, when a cell ends with it
-(or through ``display(fig)``); outside a notebook, ``fig.savefig(path)``.
+in pyplot's global list of figures; the figure has a PNG representation (``_repr_png_``), so any
+notebook front end shows it once when a cell ends with it (or through ``display(fig)``), whether
+or not the inline backend is active; outside a notebook, ``fig.savefig(path)``.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,12 +35,27 @@ _PLANES.update({"S": "axial", "I": "axial"})
 
 
 def require_matplotlib() -> type:
-    """The matplotlib ``Figure`` class, or an ImportError that says how to install it."""
+    """The figure class of the views (a matplotlib ``Figure`` that renders itself as PNG in a
+    notebook), or an ImportError that says how to install matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(f"medgen.viz needs matplotlib to draw figures: {INSTALL_HINT}") from err
-    return Figure
+    return _inline_figure_class(Figure)
+
+
+@functools.cache
+def _inline_figure_class(base: type) -> type:
+    class InlineFigure(base):
+        """A matplotlib figure that IPython displays as a PNG (no pyplot, no inline backend)."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=80)
+            return buffer.getvalue()
+
+    InlineFigure.__name__ = InlineFigure.__qualname__ = "Figure"
+    return InlineFigure
 
 
 def _as_tensor(images: Any) -> torch.Tensor:
