@@ -290,3 +290,32 @@ def test_full_presets_match_upstream_settings(tmp_path):
         3,
         3,
     )
+
+
+def test_medical_diffusion_full_trains_over_a_vqgan(vq_folder, tmp_path):
+    """The full preset at a toy size: codebook latents, x0 clamp, EMA, accumulation, export."""
+    overrides = [
+        "experiment=medical_diffusion_full",
+        f"paths.output_dir={tmp_path}",
+        f"model.autoencoder={vq_folder}",
+        "data.train.size=8",
+        "data.train.length=4",
+        "data.val.length=2",
+        "data.batch_size=2",
+        "model.net.channels=[8,16]",
+        "model.net.num_res_blocks=1",
+        "model.net.attention_levels=[false,true]",
+        "model.net.num_head_channels=8",
+        "model.net.norm_num_groups=4",
+        "model.sampler.steps=2",
+        "model.val_sampler.steps=2",
+        "trainer.max_epochs=1",
+        "~callbacks.progress_bar",
+        "num_samples=1",
+    ]
+    result = medgen.train(medgen.compose("train", overrides))
+    assert math.isfinite(result["metrics"]["val/mmd"])
+    model = medgen.load(result["model_dir"])
+    assert model.hparams["latent_scale"] == "codebook" and model.clip_sample
+    assert model.hparams["schedule"]["max_beta"] == 0.9999 and model.num_train_timesteps == 300
+    assert model.sample(1, seed=0).shape == (1, 1, 8, 8, 8)
