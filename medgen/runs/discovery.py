@@ -1,8 +1,8 @@
 """What there is to run: experiments, models, data presets and samplers, each with one line.
 
-The description of a config is its first comment line (after Hydra's ``# @package`` directive),
-so adding a YAML file with a good first comment is all it takes to be listed; a sampler's is the
-first line of its function's docstring. Behind ``medgen list KIND``, ``medgen-train --list`` and
+The description of a config is the first sentence of its first comment paragraph (after Hydra's
+``# @package`` directive), so adding a YAML file with a good first comment is all it takes to be
+listed; a sampler's is the first line of its function's docstring. Behind ``medgen list KIND``, ``medgen-train --list`` and
 :func:`medgen.list_experiments`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,18 +37,41 @@ LISTABLE = {
 }
 
 
+#: Words ending in a full stop that do not end a sentence.
+_ABBREVIATIONS = re.compile(r"(\bal|\be\.g|\bi\.e|\betc|\bvs|\bcf|\bSci|\bRep|\bFig|\bEq|\bNo)$")
+#: Longest description; longer first sentences are cut with "...".
+MAX_DESCRIPTION = 160
+
+
 def describe_config(text: str) -> str:
-    """The first comment line of a YAML config (skipping ``# @package``), or ``""``."""
+    """The first sentence of a YAML config's first comment paragraph, or ``""``.
+
+    Hydra's ``# @package`` line is skipped; the paragraph ends at an empty comment line or at
+    the first line that is not a comment.
+    """
+    words: list[str] = []
     for line in text.splitlines():
         stripped = line.strip()
-        if not stripped:
-            continue
         if not stripped.startswith("#"):
-            return ""
+            if words or stripped:
+                break
+            continue
         comment = stripped.lstrip("#").strip()
-        if comment and not comment.startswith("@package"):
-            return comment
-    return ""
+        if comment.startswith("@package"):
+            continue
+        if not comment:
+            if words:
+                break
+            continue
+        words.append(comment)
+    paragraph = " ".join(words)
+    for match in re.finditer(r"\.(\s|$)", paragraph):
+        if not _ABBREVIATIONS.search(paragraph[: match.start()]):
+            paragraph = paragraph[: match.start() + 1]
+            break
+    if len(paragraph) > MAX_DESCRIPTION:
+        paragraph = paragraph[: MAX_DESCRIPTION - 3].rsplit(" ", 1)[0] + "..."
+    return paragraph
 
 
 def list_configs(group: str, config_dir: str | Path | None = None) -> dict[str, str]:
