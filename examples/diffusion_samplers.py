@@ -65,7 +65,12 @@ def main() -> None:
     )
     labels = torch.arange(64) // 32  # 0: T1, 1: T2
     model = Diffusion(
-        net={"channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16},
+        net={
+            "channels": [16, 32],
+            "num_res_blocks": 1,
+            "attention_levels": [False, True],
+            "num_head_channels": 16,
+        },
         class_key="label",
         num_classes=2,
         cond_drop_prob=0.2,  # trains the unconditional model too, for guidance

@@ -124,7 +124,12 @@ def test_latent_diffusion_sample_decodes_with_the_given_tiling(tmp_path):
         discriminator=None,
     )
     folder = ae.save_pretrained(tmp_path / "ae")
-    net = {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4}
+    net = {
+        "channels": [8, 8],
+        "num_res_blocks": 1,
+        "attention_levels": [False, False],
+        "norm_num_groups": 4,
+    }
     model = Diffusion(net=net, autoencoder=str(folder), latent_scale=1.0).eval()
     kwargs = dict(steps=2, seed=0, sample_size=8)
     whole = model.sample(1, **kwargs)

@@ -222,6 +222,9 @@ def test_monai_unit_test_behaviours() -> None:
         DiffusionUNet(2, 1, 1, 1, (8, 8, 12), (False, False, False), 8)
     with pytest.raises(ValueError, match="multiple of norm_num_groups=8"):
         AutoencoderKLNet(2, 1, 1, 1, (8, 12), (False, False), 3, 8)
+    # MONAI's 4-level defaults with another number of levels: say what to give.
+    with pytest.raises(ValueError, match="channels has 2 levels.*num_res_blocks=1"):
+        DiffusionUNet(2, 1, 1, channels=(8, 16), attention_levels=(False, True))
 
 
 def test_legacy_layout_keeps_the_old_conditioned_layout() -> None:

@@ -207,6 +207,15 @@ class DiffusionUNet(nn.Module):
         if len(channels) == 0 or any(c < 1 for c in channels):
             raise ValueError(f"channels must be a non-empty list of positive ints, got {channels}.")
         n = len(channels)
+        if n != 4 and (
+            num_res_blocks == (2, 2, 2, 2)
+            or tuple(bool(a) for a in attention_levels) == (False, False, True, True)
+        ):
+            raise ValueError(
+                f"channels has {n} levels but num_res_blocks or attention_levels is left at "
+                "MONAI's 4-level default ((2, 2, 2, 2) / (False, False, True, True)); give both "
+                f"for your {n} levels, e.g. num_res_blocks=1 and attention_levels={[False] * n}."
+            )
         attention_levels = [bool(a) for a in attention_levels]
         if len(attention_levels) != n:
             raise ValueError(
