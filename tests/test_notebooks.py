@@ -16,7 +16,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_notebooks_present() -> None:
     names = {p.stem for p in NOTEBOOKS}
-    assert {"quickstart", "bring_your_own_3d", "latent_diffusion_3d", "translation_16bit"} <= names
+    expected = {"quickstart", "bring_your_own_3d", "latent_diffusion_3d", "translation_16bit"}
+    assert expected | {"finetune_and_audit"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -85,6 +85,12 @@ def _batch(images: Any) -> torch.Tensor:
     raise ValueError(f"expected (H, W), (C, H, W), (B, C, H, W) or (B, C, D, H, W), got {t.shape}")
 
 
+def _width(batch: torch.Tensor, nrow: int, scale: float) -> float:
+    """Figure width in inches: about 2 per image of a row, at most 8 (times ``scale``)."""
+    per_row = 3 if batch.ndim == 5 else min(nrow, batch.shape[0])
+    return min(8.0, 2.0 * per_row) * scale
+
+
 def _draw(ax: Any, grid: torch.Tensor, cmap: str, aspect: float = 1.0) -> None:
     """Draw a ``(C, H, W)`` image in [0, 1] on ``ax`` (RGB when C == 3)."""
     if grid.shape[0] == 3:
@@ -121,7 +127,7 @@ def show(
     batch = _batch(images)
     grid = image_grid(batch, value_range, nrow=nrow)
     height, width = grid.shape[1:]
-    inches = 8.0 * scale
+    inches = _width(batch, nrow, scale)
     fig = Figure(figsize=(inches, max(1.5, inches * height / width + (0.4 if title else 0.0))))
     ax = fig.add_axes((0, 0, 1, 0.92 if title else 1))
     _draw(ax, grid, cmap)
@@ -298,9 +304,8 @@ def compare(
         grids.append(image_grid((a - b).abs(), (0.0, high - low), nrow))
         names.append(f"|{titles[0]} - {titles[1]}|")
     ratio = sum(g.shape[1] / g.shape[2] for g in grids)
-    fig = Figure(
-        figsize=(8.0 * scale, 8.0 * scale * ratio + 0.4 * len(grids)), layout="constrained"
-    )
+    inches = _width(a, nrow, scale)
+    fig = Figure(figsize=(inches, inches * ratio + 0.4 * len(grids)), layout="constrained")
     axes = fig.subplots(len(grids), 1, squeeze=False)[:, 0]
     for ax, grid, name in zip(axes, grids, names, strict=True):
         _draw(ax, grid, cmap)
