@@ -189,6 +189,15 @@ def _volume(volume: Any, affine: Any, spacing: Sequence[float] | None):
     return t, affine, spacing
 
 
+def _axcodes(affine: torch.Tensor | None) -> str | None:
+    """Orientation codes of an affine (``"RAS"``, ``"LPS"``, ...), or None without one."""
+    if affine is None:
+        return None
+    from medgen.data.io import axcodes_from_affine
+
+    return axcodes_from_affine(affine)
+
+
 def _slice_panel(
     ax: Any,
     volume: torch.Tensor,
@@ -248,11 +257,7 @@ def show_volume(
     """
     Figure = require_matplotlib()
     t, affine, spacing = _volume(volume, affine, spacing)
-    axcodes = None
-    if affine is not None:
-        from medgen.data.io import axcodes_from_affine
-
-        axcodes = axcodes_from_affine(affine)
+    axcodes = _axcodes(affine)
     index = tuple(index) if index is not None else tuple(n // 2 for n in t.shape)
     value_range = tuple(value_range) if value_range is not None else auto_range(t)
     fig = Figure(figsize=(10.0 * scale, 3.8 * scale), layout="constrained")
@@ -349,11 +354,7 @@ def slice_slider(
     t, affine, spacing = _volume(volume, affine, spacing)
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-    axcodes = None
-    if affine is not None:
-        from medgen.data.io import axcodes_from_affine
-
-        axcodes = axcodes_from_affine(affine)
+    axcodes = _axcodes(affine)
     value_range = tuple(value_range) if value_range is not None else auto_range(t)
 
     def draw(index: int) -> Any:
