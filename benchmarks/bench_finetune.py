@@ -1,9 +1,9 @@
 """Fine-tuning benchmarks: pretrained-then-fine-tuned vs from scratch; LoRA vs full fine-tuning.
 
-1. VAE (the quickstart architecture, medgen.models.VAE): pretrained on 64x64 phantom slices
+1. VAE (the quickstart architecture, medgen.models.VAE): pretrained on phantom slices
    (medgen.data.PhantomDataset) for ``--pretrain-steps``, then trained for ``--steps`` on real
    MRI: axial slices of the MNI152 T1 template shipped in nilearn (``load_mni152_template(2)``,
-   slices 20..79, resized to 64x64, intensities / max), every 4th slice held out for validation.
+   slices 20..79, area-resized to ``--size`` (32) squared, intensities / max), every 4th slice held out for validation.
    The same run from a fresh initialisation is the baseline. Same seed, data order, optimiser
    (AdamW, lr 1e-3), batch 8; validation PSNR (data range 1) of the posterior-mean
    reconstruction, after every ``--eval-every`` steps; ``--seeds`` seeds.
@@ -12,10 +12,11 @@
    at the ldm_3d experiment's configuration; one training step's memory: bytes saved for backward
    (saved_tensors_hooks, deterministic) + gradients + Adam state; and quality: a small UNet
    pretrained on 16^3 phantom volumes (epsilon prediction, linear betas 1e-4..0.02, 1000 steps),
-   then fine-tuned full vs LoRA for ``--steps`` on 16^3 crops of the (2x downsampled) MNI volume,
+   then fine-tuned full vs LoRA for ``--unet-steps`` on 16^3 crops of the (2x downsampled) MNI volume,
    held-out denoising loss at fixed (t, noise) pairs, ``--seeds`` seeds.
 
-Run:  python benchmarks/bench_finetune.py [--steps 150] [--pretrain-steps 300] [--seeds 3]
+Run:  python benchmarks/bench_finetune.py [--size 32] [--steps 100] [--pretrain-steps 200]
+      [--unet-steps 80] [--unet-pretrain-steps 150] [--seeds 3]
 Writes benchmarks/results/finetune_cpu.json and prints markdown tables.
 """
 
@@ -71,15 +72,15 @@ def mni_volume() -> torch.Tensor:
     return torch.from_numpy(volume / volume.max())
 
 
-def mni_slices() -> tuple[torch.Tensor, torch.Tensor]:
+def mni_slices(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     vol = mni_volume()[:, :, 20:80].permute(2, 1, 0)[:, None]  # (60, 1, 109, 91)
-    slices = F.interpolate(vol, size=(64, 64), mode="bilinear", align_corners=False).clamp(0, 1)
+    slices = F.interpolate(vol, size=(size, size), mode="area").clamp(0, 1)
     val = torch.arange(len(slices)) % 4 == 2
     return slices[~val].contiguous(), slices[val].contiguous()
 
 
-def phantom_slices(n: int) -> torch.Tensor:
-    data = PhantomDataset(spatial_dims=2, size=64, length=n, seed=0)
+def phantom_slices(n: int, size: int) -> torch.Tensor:
+    data = PhantomDataset(spatial_dims=2, size=size, length=n, seed=0)
     return torch.stack([torch.as_tensor(data[i]["image"]) for i in range(n)]).float()
 
 
@@ -112,11 +113,11 @@ def vae_psnr(model, val) -> float:
 
 
 def bench_vae(args) -> dict:
-    train, val = mni_slices()
+    train, val = mni_slices(args.size)
     torch.manual_seed(0)
     pre = make_vae()
     t0 = time.perf_counter()
-    train_vae(pre, phantom_slices(256), args.pretrain_steps, seed=0)
+    train_vae(pre, phantom_slices(256, args.size), args.pretrain_steps, seed=0)
     pretrain_s = time.perf_counter() - t0
     folder = Path(args.workdir) / "vae_phantoms"
     pre.save_pretrained(folder)
@@ -138,7 +139,7 @@ def bench_vae(args) -> dict:
         )
     final = {k: [r[k][-1][1] for r in runs] for k in ("scratch", "finetuned")}
     return {
-        "data": "MNI152 T1 template (nilearn, 2 mm) axial slices 20..79 at 64x64; "
+        "data": f"MNI152 T1 template (nilearn, 2 mm) axial slices 20..79 at {args.size}^2; "
         f"{len(train)} train / {len(val)} validation slices",
         "pretrain": f"{args.pretrain_steps} steps on 256 phantom slices ({pretrain_s:.0f} s)",
         "steps": args.steps,
@@ -262,7 +263,7 @@ def bench_lora(args) -> dict:
     train_unet(
         base,
         lambda g: ph[torch.randint(64, (4,), generator=g)],
-        args.pretrain_steps,
+        args.unet_pretrain_steps,
         0,
         alpha_bar,
         1e-3,
@@ -279,7 +280,7 @@ def bench_lora(args) -> dict:
             if kind != "pretrained_only":
                 lr = 1e-3 if kind == "lora_r8" else 2e-4
                 train_unet(
-                    net, lambda g: crops(train_vol, 4, 16, g), args.steps, seed, alpha_bar, lr
+                    net, lambda g: crops(train_vol, 4, 16, g), args.unet_steps, seed, alpha_bar, lr
                 )
             row[kind] = val_loss(net, val_x, val_t, val_noise, alpha_bar)
             if kind == "lora_r8":
@@ -287,9 +288,9 @@ def bench_lora(args) -> dict:
         rows.append(row)
         print(f"unet seed {seed}: {row}", flush=True)
     out["quality"] = {
-        "pretrain": f"{args.pretrain_steps} steps on 64 phantom volumes 16^3 "
+        "pretrain": f"{args.unet_pretrain_steps} steps on 64 phantom volumes 16^3 "
         f"({time.perf_counter() - t0:.0f} s incl. fine-tuning)",
-        "steps": args.steps,
+        "steps": args.unet_steps,
         "lr": {"full": 2e-4, "lora_r8": 1e-3},
         "runs": rows,
         "val_loss_mean": {
@@ -304,9 +305,12 @@ def bench_lora(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--size", type=int, default=32, help="VAE image size")
+    parser.add_argument("--steps", type=int, default=100, help="VAE fine-tuning steps")
+    parser.add_argument("--pretrain-steps", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--unet-steps", type=int, default=80)
+    parser.add_argument("--unet-pretrain-steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/medgen_bench_finetune")

@@ -34,6 +34,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: marker key the EMA callback puts in its checkpoint state
 EMA_STATE_MARKER = "medgen_ema"
+#: checkpoint key recording the LoRA adapters of a fine-tuning run (:mod:`medgen.finetune`)
+ADAPTERS_KEY = "medgen_lora"
 
 
 class CheckpointError(ValueError):
@@ -234,7 +236,7 @@ def ema_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _load_ckpt(path: Path, use_ema: bool) -> torch.nn.Module:
+def _load_ckpt(path: Path, use_ema: bool, prepare: Any = None) -> torch.nn.Module:
     ckpt = load_checkpoint_file(path)
     hparams = ckpt.get("hyper_parameters")
     target = ckpt.get("medgen_target")
@@ -242,6 +244,13 @@ def _load_ckpt(path: Path, use_ema: bool) -> torch.nn.Module:
         raise CheckpointError(f"checkpoint '{path}' was not written by a medgen model")
     cls = resolve_model_class(target, path)
     model = build_model(cls, hparams, path)
+    if ckpt.get(ADAPTERS_KEY):  # a LoRA run: the adapters must exist before the state loads
+        if prepare is None:
+            raise CheckpointError(
+                f"checkpoint '{path}' holds LoRA adapters: load it with medgen.load "
+                "(medgen.finetune.load), which adds them"
+            )
+        prepare(model, ckpt)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
@@ -257,13 +266,15 @@ def _load_ckpt(path: Path, use_ema: bool) -> torch.nn.Module:
     return model
 
 
-def load(path: str | os.PathLike, use_ema: bool = True) -> torch.nn.Module:
+def load(path: str | os.PathLike, use_ema: bool = True, prepare: Any = None) -> torch.nn.Module:
     """Load a medgen model from an exported folder or a Lightning ``.ckpt``, offline.
 
     Args:
         path: A folder written by ``save_pretrained`` or a checkpoint written by ``medgen-train``.
         use_ema: For checkpoints, replace the averaged submodule's weights with the EMA weights
             when the run had an EMA callback (exported folders already hold the EMA weights).
+        prepare: For checkpoints, ``prepare(model, checkpoint)`` runs on the built model before
+            its state loads (:func:`medgen.finetune.load` adds a LoRA run's adapters there).
 
     Returns:
         The model on the CPU, in eval mode.
@@ -275,7 +286,7 @@ def load(path: str | os.PathLike, use_ema: bool = True) -> torch.nn.Module:
     if path.is_dir():
         model = _load_folder(path)
     elif path.is_file():
-        model = _load_ckpt(path, use_ema)
+        model = _load_ckpt(path, use_ema, prepare)
     else:
         raise CheckpointError(f"no checkpoint or exported model at '{path}'")
     return model.cpu().eval()

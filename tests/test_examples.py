@@ -129,3 +129,10 @@ def test_finetune_example(
     adapter = float(out.split("adapter on its base: ")[1].split()[0])
     assert abs(after - adapter) < 1e-3  # the adapter on its base is the merged export
     assert (tmp_path / "finetuned" / "adapter" / "adapter.safetensors").is_file()
+    import medgen
+
+    # the LoRA run's checkpoint loads too (adapters re-added, EMA weights, merged)
+    from_ckpt = medgen.load(tmp_path / "finetuned" / "checkpoints" / "last.ckpt")
+    exported = medgen.load(tmp_path / "finetuned" / "model")
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(from_ckpt.reconstruct(x), exported.reconstruct(x))

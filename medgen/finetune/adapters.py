@@ -224,13 +224,24 @@ def load_adapter(
 def load(
     path: str | os.PathLike, use_ema: bool = True, base: str | os.PathLike | None = None
 ) -> nn.Module:
-    """:func:`medgen.pretrained.load`, plus LoRA adapter folders (:func:`load_adapter`).
+    """:func:`medgen.pretrained.load`, plus LoRA adapter folders and LoRA runs' checkpoints.
 
-    This is ``medgen.load``: an export folder, a ``.ckpt``, or an adapter folder, whose base
-    model (recorded path, or ``base``) must have the recorded SHA-256.
+    This is ``medgen.load``: an export folder, a ``.ckpt`` (a LoRA run's with its adapters
+    merged), or an adapter folder, whose base model (recorded path, or ``base``) must have the
+    recorded SHA-256.
     """
     from medgen import pretrained
 
     if Path(path).is_dir() and is_adapter_folder(path):
         return load_adapter(path, base=base)
-    return pretrained.load(path, use_ema=use_ema)
+
+    def add_adapters(model: nn.Module, ckpt: dict[str, Any]) -> None:
+        # a LoRA run's checkpoint: its state has the adapters' keys; merged after loading
+        try:
+            apply_lora_state(model, ckpt[pretrained.ADAPTERS_KEY], None, str(path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+
+    model = pretrained.load(path, use_ema=use_ema, prepare=add_adapters)
+    merge_lora(model)
+    return model

@@ -207,9 +207,14 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def apply_lora_state(
-    model: nn.Module, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str
+    model: nn.Module,
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor] | None,
+    source: str,
 ) -> None:
     """Add the adapters described by ``config`` (:func:`lora_config`) and load their ``state``.
+
+    With ``state=None`` the adapters are added only (their tensors come with a checkpoint).
 
     Raises:
         ValueError: naming ``source`` when a layer is missing or a tensor does not fit.
@@ -227,6 +232,8 @@ def apply_lora_state(
         parametrize.register_parametrization(
             module, "weight", LoRAWeight(module.weight, int(config["r"]), float(config["alpha"]))
         )
+    if state is None:
+        return
     expected = lora_state_dict(model)
     if set(expected) != set(state):
         extra = sorted(set(state) ^ set(expected))

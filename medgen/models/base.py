@@ -215,6 +215,11 @@ class GenerativeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medgen_target"] = public_name(type(self), strict=False)
         checkpoint["medgen_data"] = dict(self.data_info)
+        plan = getattr(self, "finetune_plan", None)
+        if plan is not None and plan.lora:  # medgen.load re-adds them before loading the state
+            from medgen.finetune.lora import lora_config
+
+            checkpoint[pretrained.ADAPTERS_KEY] = lora_config(self)
         if "hyper_parameters" in checkpoint:  # AttributeDict -> dict, so weights_only loads it
             checkpoint["hyper_parameters"] = dict(checkpoint["hyper_parameters"])
 

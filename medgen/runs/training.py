@@ -272,7 +272,9 @@ def _export(model, trainer, callbacks: list[Any], last_ckpt: Path, model_dir: Pa
         # the other ranks (already past training) would never join. Either way the checkpoint
         # (consolidated by the strategy, state_dict_type=full) holds the trained weights and
         # the EMA shadow.
-        load(last_ckpt).save_pretrained(model_dir)
+        from medgen.finetune import load as load_any  # a LoRA run's checkpoint too
+
+        load_any(last_ckpt).save_pretrained(model_dir)
         return
     if sharded:
         raise RuntimeError(
