@@ -220,6 +220,12 @@ def test_codebook_latent_normalisation_and_x0_clamp(vq_folder, tmp_path):
     model.clip_sample = False
     assert model.sample(2, seed=0, return_latents=True).abs().max() > 1.5
     assert float(model.latent_scale) == pytest.approx(2 / (hi - lo))  # recorded, finite
+    # Upstream trains on the continuous latents before the codebook: encode_kwargs.
+    model.encode_kwargs = {"quantize": False}
+    continuous = ae.encode(x, quantize=False)
+    assert not torch.allclose(continuous, raw) and torch.equal(ae.quantize(continuous), raw)
+    torch.testing.assert_close(model.encode(x), 2 * (continuous - lo) / (hi - lo) - 1)
+    model.encode_kwargs = {}
     loaded = medgen.load(model.save_pretrained(tmp_path / "model"))
     assert loaded.hparams["latent_scale"] == "codebook"
     torch.testing.assert_close(loaded.encode(x), z)
@@ -257,6 +263,7 @@ def test_full_presets_match_upstream_settings(tmp_path):
         1e-4,
         [0.9, 0.999],
     )
+    assert dict(m.encode_kwargs) == {"quantize": False}
     assert (m.sampler.name, m.sampler.steps, dict(m.decode_kwargs)) == (
         "ddpm",
         300,
@@ -317,5 +324,6 @@ def test_medical_diffusion_full_trains_over_a_vqgan(vq_folder, tmp_path):
     assert math.isfinite(result["metrics"]["val/mmd"])
     model = medgen.load(result["model_dir"])
     assert model.hparams["latent_scale"] == "codebook" and model.clip_sample
+    assert model.encode_kwargs == {"quantize": False}
     assert model.hparams["schedule"]["max_beta"] == 0.9999 and model.num_train_timesteps == 300
     assert model.sample(1, seed=0).shape == (1, 1, 8, 8, 8)

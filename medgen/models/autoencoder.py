@@ -763,7 +763,18 @@ class VQGAN(LatentAutoencoder):
     # ----------------------------------------------------------------- codes
     def _post_encode(self, z: Tensor) -> Tensor:
         # Quantise after blending: blended codes are not codes. Eval mode: the codebook is fixed.
-        return self.quantize(z)
+        return self.quantize(z) if getattr(self, "_quantize_encoded", True) else z
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, *args: Any, quantize: bool = True, **kwargs: Any) -> Tensor:
+        """:meth:`LatentAutoencoder.encode`; ``quantize=False`` returns the continuous latents
+        before the codebook (Medical Diffusion trains its DDPM on those, and snaps the sampled
+        latents to the codebook when decoding: ``decode(quantize=True)``)."""
+        self._quantize_encoded = bool(quantize)
+        try:
+            return super().encode(x, *args, **kwargs)
+        finally:
+            self._quantize_encoded = True
 
     @torch.no_grad()
     def quantize(self, z: Tensor) -> Tensor:

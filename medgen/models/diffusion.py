@@ -148,6 +148,9 @@ class Diffusion(GenerativeModule):
             (a scale and a shift, read from the codebook when used), Medical Diffusion's latent
             normalisation (Khader et al. 2023).
         decode_kwargs: Extra keyword arguments of the autoencoder's ``decode`` (e.g. ``tile``).
+        encode_kwargs: Extra keyword arguments of the autoencoder's ``encode`` (e.g.
+            ``{quantize: false}``: a VQGAN's continuous latents before the codebook, on which
+            Medical Diffusion trains).
         pre_encoded: Batches already hold scaled latents (``medgen-encode`` +
             :class:`medgen.data.LatentDataset`); ``latent_scale`` must then be the folder's
             ``scale_factor`` (from ``latents.json``), which :meth:`decode` divides by.
@@ -195,6 +198,7 @@ class Diffusion(GenerativeModule):
         latent_channels: int | None = None,
         latent_scale: float | str = 1.0,
         decode_kwargs: Mapping[str, Any] | None = None,
+        encode_kwargs: Mapping[str, Any] | None = None,
         pre_encoded: bool = False,
         image_key: str = "image",
         class_key: str | None = None,
@@ -279,6 +283,7 @@ class Diffusion(GenerativeModule):
             scale0 = float(latent_scale)
         self.register_buffer("latent_scale", torch.tensor(scale0, dtype=torch.float32))
         self.decode_kwargs = dict(decode_kwargs or {})
+        self.encode_kwargs = dict(encode_kwargs or {})
         self.pre_encoded = bool(pre_encoded)
         if self.pre_encoded and isinstance(latent_scale, str):
             raise ValueError(
@@ -396,7 +401,7 @@ class Diffusion(GenerativeModule):
         return self.autoencoder
 
     def _encode_raw(self, x: Tensor) -> Tensor:
-        z = self.autoencoder.encode(x)
+        z = self.autoencoder.encode(x, **self.encode_kwargs)
         if isinstance(z, (tuple, list)):
             z = z[0]
         if not isinstance(z, Tensor) and callable(getattr(z, "mode", None)):
