@@ -215,6 +215,23 @@ class StyleGAN2(LatentGANModule):
         self.register_buffer("images_seen", zero_step_counter())
         self.register_buffer("pl_mean", torch.zeros(()))
 
+    # ----------------------------------------------------------------- exact resume
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        pending = getattr(self, "_pending_latent_rng", None)
+        if pending is not None and self._latent_rng is not None:
+            self._latent_rng.set_state(pending.to(self._latent_rng.get_state().device))
+            self._pending_latent_rng = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._latent_rng is not None:  # the latents' stream, so a resumed run continues it
+            checkpoint["medgen_latent_rng"] = self._latent_rng.get_state().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_latent_rng = checkpoint.get("medgen_latent_rng")
+
     # ----------------------------------------------------------------- optimisers
     def generator_parameters(self):
         return self.generator.parameters()
@@ -411,8 +428,9 @@ class StyleGAN2(LatentGANModule):
     ) -> Tensor:
         """``num_samples`` images ``(N, C, *spatial)`` in data units from the EMA generator.
 
-        Latents and noise inputs are drawn on the CPU from a generator seeded with ``seed``, so a
-        seed gives the same images on every device. Outputs are clipped to the data range.
+        Latents and noise inputs are drawn on the CPU from a generator seeded with ``seed`` (the
+        noise from one generator per sample), so a seed gives the same images on every device and
+        for every ``batch_size``. Outputs are clipped to the data range.
 
         Args:
             num_samples: Number of images.
@@ -435,13 +453,17 @@ class StyleGAN2(LatentGANModule):
             c_all = self.one_hot(torch.as_tensor(labels), torch.empty(0))
             if len(c_all) != num_samples:
                 raise ValueError(f"got {len(c_all)} labels for {num_samples} samples")
+        # All latents first, then one noise generator per sample: batching changes nothing.
+        z_all = torch.randn((num_samples, self.latent_dim), generator=rng)
+        seeds = torch.randint(0, 2**62, (num_samples,), generator=rng).tolist()
         was_training = generator.training
         generator.eval()
         out = []
         try:
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
-                z = torch.randn((n, self.latent_dim), generator=rng)
+                z = z_all[start : start + n]
+                noise = [torch.Generator().manual_seed(s) for s in seeds[start : start + n]]
                 c = None if c_all is None else c_all[start : start + n]
                 device, dtype = self.device, self.dtype
                 ws = generator.map(
@@ -450,7 +472,7 @@ class StyleGAN2(LatentGANModule):
                     psi,
                     truncation_cutoff,
                 )
-                images = generator.synthesis(ws, rng).float().clamp(-1.0, 1.0)
+                images = generator.synthesis(ws, noise).float().clamp(-1.0, 1.0)
                 out.append(self.to_data(images).cpu())
         finally:
             generator.train(was_training)

@@ -227,7 +227,7 @@ class _SynthesisBlock(nn.Module):
         x: Tensor | None,
         image: Tensor | None,
         ws: Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``ws``: ``(B, num_convs + 1, w_dim)``; returns the features and the image so far."""
         if self.const is not None:
@@ -307,8 +307,14 @@ class SynthesisNetwork(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.num_ws = sum(b.num_convs for b in blocks) + 1
 
-    def forward(self, ws: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Synthesise images from ``ws`` ``(B, num_ws, w_dim)``; ``generator`` seeds the noise."""
+    def forward(
+        self, ws: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+    ) -> Tensor:
+        """Synthesise images from ``ws`` ``(B, num_ws, w_dim)``.
+
+        ``generator`` (one, or one per sample) draws the noise inputs; ``None`` uses the global
+        random state.
+        """
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(
                 f"ws must have shape (B, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}"
@@ -430,9 +436,9 @@ class StyleGAN2Generator(nn.Module):
         c: Tensor | None = None,
         truncation_psi: float = 1.0,
         truncation_cutoff: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
-        """Generate images from ``z`` (``generator`` seeds the noise inputs)."""
+        """Generate images from ``z`` (``generator``, one or one per sample, draws the noise)."""
         return self.synthesis(self.map(z, c, truncation_psi, truncation_cutoff), generator)
 
 

@@ -500,16 +500,25 @@ class StyleConv(nn.Module):
         x: Tensor,
         w: Tensor,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
-        """Apply the layer; ``noise`` ``(B, 1, *spatial')`` is drawn (with ``generator``) if ``None``."""
+        """Apply the layer; ``noise`` ``(B, 1, *spatial')`` is drawn if ``None`` (with
+        ``generator``, or one generator per sample)."""
         y = self.conv(x, w)
         if self.noise is not None:
             if noise is None and generator is not None:
                 # Drawn on the generator's device (the CPU for seeded sampling), then moved, so
-                # a seed gives the same noise on every device.
-                shape = (y.shape[0], 1, *y.shape[2:])
-                noise = torch.randn(shape, generator=generator, device=generator.device).to(y)
+                # a seed gives the same noise on every device; one generator per sample makes
+                # the noise independent of how samples are batched.
+                if isinstance(generator, torch.Generator):
+                    shape = (y.shape[0], 1, *y.shape[2:])
+                    noise = torch.randn(shape, generator=generator, device=generator.device)
+                else:
+                    shape = (1, 1, *y.shape[2:])
+                    noise = torch.cat(
+                        [torch.randn(shape, generator=g, device=g.device) for g in generator]
+                    )
+                noise = noise.to(y)
             y = self.noise(y, noise)
         y = self.act(y + self.bias.reshape(1, -1, *(1,) * self.spatial_dims))
         if self.clamp is not None:
