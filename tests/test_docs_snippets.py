@@ -11,8 +11,8 @@ Conventions for documentation authors:
   - ``medgen-train ...`` is composed with the block's overrides and then *built*: the config's
     types are checked, the data module is set up and one training batch read, and the model,
     callbacks, loggers and trainer are instantiated (on the CPU: GPU/DDP/FSDP presets are
-    composed as written, then built with ``accelerator=cpu``, one device). The README's
-    commands instead train for real, with tiny overrides (8 training items, one epoch).
+    composed as written, then built with ``accelerator=cpu``, one device). The README's first
+    ``medgen-train`` command (its quickstart) instead trains for real, with tiny overrides.
     ``--help``, ``--cfg``, ``--list`` and ``--info`` run the real command line.
   - ``medgen-sample``, ``medgen-eval``, ``medgen-encode`` and ``medgen`` run the real command
     line, in-process.
@@ -258,13 +258,7 @@ def run_command(words: list[str], block: Block) -> None:
 
         overrides, config_dir = _split_config_dir(args)
         assert "--multirun" not in overrides and "-m" not in overrides, "mark sweeps skip-test"
-        cfg = compose("train", overrides, config_dir=config_dir)
-        if block.page == "README.md":
-            from medgen.runs.training import train
-
-            train(_tiny(cfg))
-        else:
-            build_run(_tiny(cfg, cpu=True))
+        build_run(_tiny(compose("train", overrides, config_dir=config_dir), cpu=True))
     elif program.startswith("medgen"):
         run_cli(program, args)
     else:
@@ -300,7 +294,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         main = next(b for b in ALL_BLOCKS if b.page == "README.md" and "medgen-train" in b.text)
         for words in shell_commands(main.text):
-            run_command(words, main)
+            if words[0] == "medgen-train":  # the quickstart, for real at a tiny size
+                from medgen.runs.composition import compose
+                from medgen.runs.training import train
+
+                overrides, config_dir = _split_config_dir(words[1:])
+                train(_tiny(compose("train", overrides, config_dir=config_dir)))
+            else:
+                run_command(words, main)
             _DONE.add((main.page, tuple(words)))
         assert (path / "outputs" / "quickstart" / "model" / "config.json").is_file(), (
             "the README's first medgen-train command must write outputs/quickstart"
