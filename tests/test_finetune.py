@@ -113,6 +113,29 @@ def test_init_from_a_bare_net_state_dict_finds_the_prefix(base_dir, tmp_path):
     assert _same(model, base)
 
 
+def test_init_from_keeps_an_exports_recorded_latent_scale(tmp_path):
+    from safetensors.torch import save_file
+
+    class Latent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(2, 2)
+            self.register_buffer("latent_scale", torch.tensor(float("nan")))  # "auto"
+
+    source = Latent()
+    save_file(
+        {f"net.{k}": v for k, v in source.net.state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps({"init_args": {"latent_scale": 1.25, "beta": 0.5}})
+    )
+    model = Latent()
+    report = init_from(model, tmp_path)
+    assert float(model.latent_scale) == 1.25 and "latent_scale" in report.loaded
+    assert not report.unexpected and not report.missing
+
+
 # ----------------------------------------------------------------------------- freezing
 def test_freeze_patterns_and_errors():
     model = make_vae()

@@ -12,8 +12,13 @@ import medgen
 from medgen.pretrained import CheckpointError, load_checkpoint_file
 from tests.conftest import tiny_overrides
 
-SMALL_VAE = ["model.net.channels=[4,8]", "model.net.latent_channels=2",
-             "model.net.norm_num_groups=2", "data.train.size=16", "data.val.size=16"]
+SMALL_VAE = [
+    "model.net.channels=[4,8]",
+    "model.net.latent_channels=2",
+    "model.net.norm_num_groups=2",
+    "data.train.size=16",
+    "data.val.size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +61,20 @@ def test_resume_says_what_it_restores_and_refuses_an_export_folder(base_run, cap
     out = base_run["output_dir"]
     with pytest.raises(CheckpointError, match=r"model\.init_from="):
         medgen.train(
-            medgen.compose("train", [*tiny_overrides(out), *SMALL_VAE,
-                                     f"resume={base_run['model_dir']}"])
+            medgen.compose(
+                "train", [*tiny_overrides(out), *SMALL_VAE, f"resume={base_run['model_dir']}"]
+            )
         )
     cfg = medgen.compose(
         "train",
-        [*tiny_overrides(out), *SMALL_VAE, "resume=last", "trainer.max_epochs=2",
-         "model.optimizer.lr=1e-5", "num_samples=0"],
+        [
+            *tiny_overrides(out),
+            *SMALL_VAE,
+            "resume=last",
+            "trainer.max_epochs=2",
+            "model.optimizer.lr=1e-5",
+            "num_samples=0",
+        ],
     )
     with caplog.at_level(logging.INFO, logger="medgen"):
         medgen.train(cfg)

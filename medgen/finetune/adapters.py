@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from medgen.features.weights import file_sha256
@@ -159,7 +159,7 @@ def load_adapter(
             the base does not fit the adapter's configuration.
     """
     from medgen.data.outputs import check_data_info
-    from medgen.finetune.loading import read_weights
+    from medgen.finetune.loading import read_state_file, read_weights
 
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / ADAPTER_WEIGHTS
@@ -184,12 +184,7 @@ def load_adapter(
             f"adapter '{path}' was trained on a base model with SHA-256 {recorded['sha256']}, "
             f"but '{base_path}' has SHA-256 {digest}: not the same weights"
         )
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(
-            f"'{weights_path}' is corrupt or not a safetensors file: {err}"
-        ) from err
+    tensors = read_state_file(weights_path)
     extra_keys = set(config.get("extra_keys", ()))
     extras = {k: v for k, v in tensors.items() if k in extra_keys}
     adapters = {k: v for k, v in tensors.items() if k not in extra_keys}

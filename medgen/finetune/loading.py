@@ -123,7 +123,12 @@ class LoadReport:
         }
 
 
-def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+def read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or ``torch.save`` file (a ``state_dict`` wrapper removed).
+
+    Raises:
+        CheckpointError: naming ``path`` when it is corrupt or holds no tensors.
+    """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -162,7 +167,7 @@ def _read_folder(path: Path) -> dict[str, torch.Tensor]:
             f"'{path}' is not a model: an exported medgen model folder holds '{CONFIG_NAME}' and "
             f"'{WEIGHTS_NAME}'"
         )
-    return _read_state_file(path / WEIGHTS_NAME)
+    return read_state_file(path / WEIGHTS_NAME)
 
 
 def read_weights(path: str | os.PathLike, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -188,7 +193,7 @@ def read_weights(path: str | os.PathLike, use_ema: bool = True) -> dict[str, tor
             prefix = f"{ema['attribute']}."
             state.update({prefix + k: v for k, v in ema["shadow"].items()})
         return state
-    return _read_state_file(path)
+    return read_state_file(path)
 
 
 def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -219,6 +224,30 @@ def _best_prefix(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
         if hits > best_hits:
             best, best_hits = f"{child}.", hits
     return best
+
+
+def _recorded_scalars(
+    path: Path, target: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Scalar buffers an export keeps as constructor arguments (e.g. a latent model's
+    ``latent_scale``), for the model's scalar buffers the exported tensors lack: fine-tuning a
+    latent diffusion model must keep the latent scale its net was trained with."""
+    config = path / CONFIG_NAME
+    if not path.is_dir() or not config.is_file():
+        return {}
+    try:
+        init_args = json.loads(config.read_text()).get("init_args") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+    return {
+        key: torch.tensor(float(value), dtype=target[key].dtype)
+        for key, value in init_args.items()
+        if key in target
+        and key not in source
+        and target[key].ndim == 0
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    }
 
 
 def init_from(
@@ -253,6 +282,7 @@ def init_from(
     target = model.state_dict()
     prefix = _best_prefix(source, target)
     source = {prefix + k: v for k, v in source.items()}
+    source.update(_recorded_scalars(Path(path), target, source))
     report = LoadReport(source=str(path), prefix=prefix)
     new_state: dict[str, torch.Tensor] = {}
     for key, ref in target.items():
