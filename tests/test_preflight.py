@@ -93,3 +93,27 @@ def test_matching_data_passes_unchanged(tmp_path: Path) -> None:
     datamodule = _datamodule(cfg)
     preflight_data(cfg, datamodule)
     assert cfg.data.channels == 1 and datamodule.channels == 1
+
+
+def test_paired_rgb_folders_pix2pix_follows_data(rgb_folder: Path, tmp_path: Path) -> None:
+    """The issue's case: paired RGB folders used to need data.channels=3 and failed at step 1."""
+    cfg = compose(
+        "train",
+        [
+            "experiment=pix2pix",
+            "data=paired_folder",
+            f"data.train.a_dir={rgb_folder}",
+            f"data.train.b_dir={rgb_folder}",
+            "data.batch_size=2",
+            "model.generator.num_downs=4",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    datamodule = _datamodule(cfg)
+    preflight_data(cfg, datamodule)
+    assert cfg.data.channels == 3
+    model = instantiate(to_plain(cfg.model), _recursive_=False, _convert_="all").eval()
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["a"].shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        assert model.generator(batch["a"]).shape == (2, 3, 16, 16)
