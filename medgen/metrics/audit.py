@@ -94,13 +94,14 @@ def pixel_nearest(
     Returns:
         ``(similarity (N,), nearest index (N,), transform name per query)``.
     """
-    refs = _normalise(references)
+    # float32 products: correlations to ~1e-6, far below any threshold in use, at twice the speed
+    refs = _normalise(references).float()
     best, nearest, how = [], [], []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
         variants, names = _variants(chunk, max_shift)
         v = variants.shape[1]
-        sims = (_normalise(variants.flatten(0, 1)) @ refs.T).view(len(chunk), v, len(refs))
+        sims = (_normalise(variants.flatten(0, 1)).float() @ refs.T).view(len(chunk), v, len(refs))
         if exclude_self:
             rows = torch.arange(len(chunk))
             sims[rows, :, start + rows] = -2.0
