@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import medgen
 from medgen.convert import CONVERTERS, ConversionError, convert, get_converter, main
+from tests.test_nets_monai_compat import randomised
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -39,14 +40,6 @@ AE = dict(
 SHAPES = {2: (16, 16), 3: (8, 8, 8)}
 
 
-def _randomised(net: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return net.eval()
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
@@ -56,7 +49,7 @@ def test_diffusion_unet_converts_to_a_loadable_export_with_monais_outputs(
     tmp_path: Path, spatial_dims: int
 ) -> None:
     cfg = dict(UNET, spatial_dims=spatial_dims, num_class_embeds=3, resblock_updown=True)
-    theirs = _randomised(monai_nets.DiffusionModelUNet(**cfg))
+    theirs = randomised(monai_nets.DiffusionModelUNet(**cfg))
     src = tmp_path / "unet.pt"
     # A trainer-style wrapper with DataParallel prefixes is unwrapped.
     torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, src)
@@ -80,7 +73,7 @@ def test_conditioned_unet_and_combined_attention_through_the_cli(tmp_path: Path,
         cross_attention_dim=4,
         use_combined_linear=True,
     )
-    theirs = _randomised(monai_nets.DiffusionModelUNet(**cfg))
+    theirs = randomised(monai_nets.DiffusionModelUNet(**cfg))
     src = tmp_path / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(src))
     args = [str(src), str(tmp_path / "out"), "--from", "monai-diffusion-unet"]
@@ -104,7 +97,7 @@ def test_autoencoderkl_converts_with_monais_latents_and_reconstructions(
     tmp_path: Path, spatial_dims: int
 ) -> None:
     cfg = dict(AE, spatial_dims=spatial_dims, use_convtranspose=spatial_dims == 3)
-    theirs = _randomised(monai_nets.AutoencoderKL(**cfg))
+    theirs = randomised(monai_nets.AutoencoderKL(**cfg))
     torch.save(theirs.state_dict(), tmp_path / "ae.pth")
     folder = convert("monai-autoencoderkl", tmp_path / "ae.pth", tmp_path / "out", **cfg)
     model = medgen.load(folder)

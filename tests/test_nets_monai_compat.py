@@ -77,7 +77,7 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def _randomise(net: torch.nn.Module) -> torch.nn.Module:
+def randomised(net: torch.nn.Module) -> torch.nn.Module:
     """Random weights everywhere (MONAI zero-initialises its output convolutions)."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", list(UNET_CASES))
 def test_diffusion_unet_matches_monai(case: str, spatial_dims: int) -> None:
     cfg = dict(UNET, spatial_dims=spatial_dims, **UNET_CASES[case])
-    theirs = _randomise(monai_nets.DiffusionModelUNet(**cfg))
+    theirs = randomised(monai_nets.DiffusionModelUNet(**cfg))
     ours = DiffusionUNet(**cfg).eval()
     assert _count(ours) == _count(theirs)
     state = map_state(_split_combined(theirs.state_dict()), ours, diffusion_unet_key_map(ours), "m")
@@ -120,7 +120,7 @@ def test_diffusion_unet_matches_monai(case: str, spatial_dims: int) -> None:
 @pytest.mark.parametrize("case", list(AE_CASES))
 def test_autoencoderkl_matches_monai(case: str, spatial_dims: int) -> None:
     cfg = dict(AE, spatial_dims=spatial_dims, **AE_CASES[case])
-    theirs = _randomise(monai_nets.AutoencoderKL(**cfg))
+    theirs = randomised(monai_nets.AutoencoderKL(**cfg))
     ours = AutoencoderKLNet(**cfg).eval()
     assert _count(ours) == _count(theirs)
     state = map_state(_split_combined(theirs.state_dict()), ours, autoencoderkl_key_map(ours), "m")
@@ -196,7 +196,7 @@ def test_zoo_and_default_configurations_have_monais_parameter_count(net: str, cf
 
 def test_controlnet_residuals_match_monai() -> None:
     cfg = dict(UNET, spatial_dims=2)
-    theirs = _randomise(monai_nets.DiffusionModelUNet(**cfg))
+    theirs = randomised(monai_nets.DiffusionModelUNet(**cfg))
     ours = DiffusionUNet(**cfg).eval()
     ours.load_state_dict(map_state(theirs.state_dict(), ours, diffusion_unet_key_map(ours), "m"))
     g = torch.Generator().manual_seed(4)
