@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import medgen.api
+from medgen.callbacks import FidelityMonitor
 from medgen.data.io import MedgenIOError, write
 from medgen.data.phantoms import head_phantom
 from medgen.features import MedicalNetResNet
@@ -297,7 +298,6 @@ def test_medgen_sample_audit_against_training_images(tmp_path, action):
 
 
 def test_fidelity_monitor_logs_a_synced_fd_every_epoch():
-    from medgen.callbacks import FidelityMonitor
     from medgen.utils.instantiate import instantiate
     from tests.helpers import cpu_trainer, cycled_loader, phantom_images
 
@@ -317,3 +317,59 @@ def test_fidelity_monitor_logs_a_synced_fd_every_epoch():
         monitor.history[-1][1]
     )
     assert int(monitor.metric.real_n) == 8  # the real statistics are collected once
+
+
+def test_preset_from_a_model_without_a_recorded_preset_names_the_alternative(tmp_path):
+    from medgen.runs.evaluation import preset_of_checkpoint
+
+    _tiny_gan().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"records no intensity preset; pass real_preset=NAME"):
+        preset_of_checkpoint(str(tmp_path / "model"))
+
+
+class _FidelityDump(FidelityMonitor):
+    """FidelityMonitor that saves each rank's logged values at the end of training."""
+
+    def __init__(self, folder: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        state = {
+            "history": torch.tensor([v for _, v in self.history]),
+            "real_n": self.metric.real_n,
+        }
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_fidelity_monitor_under_ddp_logs_one_value_on_both_ranks(tmp_path):
+    from medgen.utils.targets import register_target
+    from tests.conftest import tiny_overrides
+
+    register_target(_FidelityDump, "tests.test_eval._FidelityDump")
+    dump = tmp_path / "fd"
+    overrides = [
+        *tiny_overrides(tmp_path / "run", "dcgan"),
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=2",
+        "data.batch_size=2",
+        "++trainer.limit_val_batches=2",
+        "num_samples=0",
+        "export=false",
+        "~callbacks.image_logger",
+        "+callbacks.fd._target_=tests.test_eval._FidelityDump",
+        f"+callbacks.fd.folder={dump}",
+        "+callbacks.fd.every_n_epochs=1",
+        "+callbacks.fd.num_real=4",
+        "+callbacks.fd.num_samples=4",
+    ]
+    medgen.train(medgen.compose("train", overrides))
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]["history"]) == 2
+    torch.testing.assert_close(ranks[0]["history"], ranks[1]["history"])  # synced over ranks
+    # each rank holds its share of the real images (2 of 4); compute() sums the shares
+    assert int(ranks[0]["real_n"]) == int(ranks[1]["real_n"]) == 2

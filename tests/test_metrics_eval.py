@@ -95,6 +95,7 @@ def test_pairwise_ms_ssim_diversity():
     collapsed = pairwise_ms_ssim(images[:1].expand(6, -1, -1, -1), data_range=1.0)
     assert diverse["pairs"] == 15 and collapsed["mean"] == pytest.approx(1.0, abs=1e-6)
     assert diverse["mean"] < 0.95 and diverse["measure"].startswith("ms_ssim")
+    assert diverse["ci_low"] <= diverse["mean"] <= diverse["ci_high"]
     small = pairwise_ms_ssim(images[:, :, :8, :8], data_range=1.0)
     assert small["measure"].startswith("ssim (window 7")
 

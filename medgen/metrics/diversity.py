@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medgen.metrics.bootstrap import bootstrap_ci
 from medgen.metrics.pairwise import ms_ssim, ms_ssim_betas, ssim
 
 __all__ = ["pairwise_ms_ssim"]
@@ -31,7 +32,8 @@ def pairwise_ms_ssim(
     window of their smallest side (odd), stated in ``"measure"``.
 
     Returns:
-        ``{"mean", "std", "pairs", "measure"}``.
+        ``{"mean", "std", "ci_low", "ci_high", "pairs", "measure"}``: the interval is a 95%
+        percentile bootstrap over the pairs (200 rounds).
     """
     if images.ndim not in (4, 5) or len(images) < 2:
         raise ValueError(f"need (N >= 2, C, *spatial) images, got {tuple(images.shape)}")
@@ -69,9 +71,12 @@ def pairwise_ms_ssim(
             v = ssim(a, b, data_range=data_range, kernel_size=window, reduction="none")
         values.append(v.double().flatten())
     v = torch.cat(values)
+    interval = bootstrap_ci(lambda x: float(x.mean()), (v,), n_boot=200, seed=seed)
     return {
         "mean": float(v.mean()),
         "std": float(v.std()) if len(v) > 1 else math.nan,
+        "ci_low": interval["ci_low"],
+        "ci_high": interval["ci_high"],
         "pairs": len(v),
         "measure": measure,
     }

@@ -64,7 +64,7 @@ def metric_rows(result: dict[str, Any]) -> list[list[str]]:
                     "diversity",
                     f"pairwise {d['measure']} ({side})",
                     f"{d['pairs']} pairs",
-                    f"{_fmt(d['mean'])} ± {_fmt(d['std'])}",
+                    f"{_fmt(d['mean'])} [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]",
                 ]
             )
     audit = result.get("audit")
