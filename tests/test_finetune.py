@@ -366,3 +366,18 @@ def test_config_keys_never_reach_the_constructor_and_are_checked(base_dir):
         setup_finetune(model, {"finetune": {"frezee": []}})
     with pytest.raises(ValueError, match="model.init_from is required"):
         setup_finetune(model, {"init_from": "???"})
+
+
+def test_finetune_pix2pix_freezes_the_discriminators_first_layers():
+    from medgen.finetune import frozen_norms
+    from medgen.utils.instantiate import instantiate, to_plain
+
+    cfg = medgen.compose("train", ["experiment=finetune_pix2pix"])
+    model = instantiate(to_plain(cfg.model), _recursive_=False)
+    patterns = list(cfg.model.finetune.freeze)
+    (callback,) = apply_finetune(model, freeze_patterns=patterns)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("discriminator.model.") for n in frozen)
+    assert all(p.requires_grad for p in model.generator.parameters())
+    norms = frozen_norms(model, patterns)
+    assert norms and all(isinstance(m, nn.BatchNorm2d) for m in norms)  # FreezeD's frozen BN
