@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medgen.features.extractors import FrozenBackbone, rgb_images
 from medgen.features.imagenet import imagenet_mean_std
 from medgen.features.resnets import load_into
 from medgen.features.weights import load_state_dict, local_weights_file
@@ -109,9 +110,11 @@ def dinov2_config(state: dict[str, Tensor]) -> dict[str, int | bool]:
     dim = int(state["cls_token"].shape[-1])
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     swiglu = "blocks.0.mlp.w12.weight" in state
-    hidden = int(state["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[
-        1 if swiglu else 0
-    ])
+    hidden = int(
+        state["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[
+            1 if swiglu else 0
+        ]
+    )
     tokens = int(state["pos_embed"].shape[1]) - 1
     grid = int(round(tokens**0.5))
     registers = int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0
@@ -198,7 +201,7 @@ class DINOv2ViT(nn.Module):
         return self.norm(tokens)[:, 0]
 
 
-class DINOv2Features(nn.Module):
+class DINOv2Features(FrozenBackbone):
     """DINOv2 class-token features of 2D images in ``[0, 1]`` (FD_DINOv2, Stein et al. 2023).
 
     Gray is repeated to RGB (other channel counts are averaged to gray first), the image is resized
@@ -228,7 +231,9 @@ class DINOv2Features(nn.Module):
         except (KeyError, ValueError, IndexError) as exc:
             raise ValueError(f"{path}: not a DINOv2 backbone state dict (no {exc})") from exc
         if input_size % config["patch"]:
-            raise ValueError(f"input_size must be a multiple of {config['patch']}, got {input_size}")
+            raise ValueError(
+                f"input_size must be a multiple of {config['patch']}, got {input_size}"
+            )
         net = DINOv2ViT(**config)
         load_into(net, state, path, "DINOv2 ViT")
         self.net = net.eval().requires_grad_(False)
@@ -239,20 +244,9 @@ class DINOv2Features(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def train(self, mode: bool = True) -> DINOv2Features:
-        """Keep the backbone in eval mode whatever the parent module does."""
-        super().train(mode)
-        self.net.eval()
-        return self
-
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(B, C, H, W)`` in ``[0, 1]`` to ``(B, embed_dim)``."""
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"DINOv2Features expects (B, C, H, W) images, got {shape}")
-        x = x.float().to(self.mean.dtype)
-        if x.shape[1] != 3:
-            x = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        x = rgb_images(x, "DINOv2Features").to(self.mean.dtype)
         size = (self.input_size, self.input_size)
         if tuple(x.shape[2:]) != size:
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)

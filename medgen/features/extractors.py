@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from medgen.features.imagenet import imagenet_mean_std
 from medgen.features.weights import load_state_dict, local_weights_file, offline_instructions
 
-__all__ = ["PixelFeatures", "RandomConvFeatures", "TorchvisionFeatures"]
+__all__ = [
+    "FrozenBackbone",
+    "PixelFeatures",
+    "RandomConvFeatures",
+    "TorchvisionFeatures",
+    "rgb_images",
+]
 
 
 def _check_image_batch(x: Tensor) -> int:
@@ -37,6 +43,36 @@ def _check_image_batch(x: Tensor) -> int:
 
 def _as_float(x: Tensor) -> Tensor:
     return x if x.is_floating_point() else x.float()
+
+
+def rgb_images(x: Tensor, who: str) -> Tensor:
+    """Check ``(B, C, H, W)`` images and return them as float RGB.
+
+    Gray is repeated to three channels; other channel counts than 1 and 3 are averaged to gray
+    first.
+
+    Raises:
+        ValueError: not a 4D tensor; the message names ``who``.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{who} expects (B, C, H, W) images, got {shape}")
+    x = _as_float(x)
+    if x.shape[1] != 3:
+        x = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    return x
+
+
+class FrozenBackbone(nn.Module):
+    """Base of the pretrained extractors: ``self.net`` stays in eval mode, without gradients."""
+
+    net: nn.Module
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Keep the backbone in eval mode whatever the parent module does."""
+        super().train(mode)
+        self.net.eval()
+        return self
 
 
 class PixelFeatures(nn.Module):

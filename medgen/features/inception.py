@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medgen.features.extractors import FrozenBackbone, rgb_images
 from medgen.features.resnets import load_into
 from medgen.features.weights import load_state_dict, local_weights_file
 
@@ -89,7 +90,7 @@ def tf_inception_v3() -> nn.Module:
     return net
 
 
-class TFInceptionFeatures(nn.Module):
+class TFInceptionFeatures(FrozenBackbone):
     """Pool3 features of the TF-Inception port (see the module docstring).
 
     Args:
@@ -110,20 +111,9 @@ class TFInceptionFeatures(nn.Module):
         net.fc = nn.Identity()
         self.net = net.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> TFInceptionFeatures:
-        """Keep the backbone in eval mode whatever the parent module does."""
-        super().train(mode)
-        self.net.eval()
-        return self
-
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(B, C, H, W)`` in ``[0, 1]`` to ``(B, 2048)``."""
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"TFInceptionFeatures expects (B, C, H, W) images, got {shape}")
-        x = x.float()
-        if x.shape[1] != 3:
-            x = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        x = rgb_images(x, "TFInceptionFeatures")
         if tuple(x.shape[2:]) != (299, 299):
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return self.net(2 * x - 1)

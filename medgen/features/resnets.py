@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medgen.features.extractors import FrozenBackbone, rgb_images
 from medgen.features.weights import load_state_dict, local_weights_file
 
 __all__ = [
@@ -247,19 +248,7 @@ def _check(x: Tensor, dims: int, who: str) -> Tensor:
     return x if x.is_floating_point() else x.float()
 
 
-class _Frozen(nn.Module):
-    """Keeps ``self.net`` in eval mode and without gradients."""
-
-    net: nn.Module
-
-    def train(self, mode: bool = True) -> _Frozen:
-        """Keep the backbone in eval mode whatever the parent module does."""
-        super().train(mode)
-        self.net.eval()
-        return self
-
-
-class RadImageNetFeatures(_Frozen):
+class RadImageNetFeatures(FrozenBackbone):
     """RadImageNet ResNet-50 features of 2D images, as in MAISI's 2.5D FID script.
 
     Input: ``(B, C, H, W)`` in ``[0, 1]`` (gray is repeated to three channels, other channel
@@ -292,9 +281,7 @@ class RadImageNetFeatures(_Frozen):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(B, C, H, W)`` in ``[0, 1]`` to ``(B, 2048)``."""
-        x = _check(x, 2, "RadImageNetFeatures").to(self.mean.dtype)
-        if x.shape[1] != 3:
-            x = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        x = rgb_images(x, "RadImageNetFeatures").to(self.mean.dtype)
         x = x.flip(1) - self.mean  # RGB -> BGR, then the BGR means
         return self.net(x).mean(dim=(2, 3))
 
@@ -311,7 +298,7 @@ def medicalnet_depth(state: dict[str, Tensor]) -> int:
     return 18 if "layer1.1.conv1.weight" in state else 10
 
 
-class MedicalNetFeatures(_Frozen):
+class MedicalNetFeatures(FrozenBackbone):
     """MedicalNet 3D ResNet features of volumes (the "3D FID" of Med3D-feature papers).
 
     Input: ``(B, C, D, H, W)``; channels are averaged to one, each volume is z-scored over its

@@ -46,6 +46,7 @@ from medgen.features.weights import file_sha256, load_state_dict
 
 __all__ = [
     "PixelFeatures",
+    "as_features",
     "RandomConvFeatures",
     "TorchvisionFeatures",
     "frechet_distance",
@@ -61,7 +62,8 @@ _sha256 = file_sha256
 _load_state_dict = load_state_dict
 
 
-def _as_features(x: Tensor | np.ndarray, name: str) -> Tensor:
+def as_features(x: Tensor | np.ndarray, name: str) -> Tensor:
+    """``(N, F)`` features as a float64 CPU tensor; NaN/Inf and other shapes are errors."""
     t = torch.as_tensor(x).detach().to("cpu", torch.float64)
     if t.ndim != 2:
         raise ValueError(f"{name} must be (N, F) features, got shape {tuple(t.shape)}")
@@ -100,8 +102,8 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     Returns:
         The distance as a Python float.
     """
-    a = _as_features(feats_a, "feats_a")
-    b = _as_features(feats_b, "feats_b")
+    a = as_features(feats_a, "feats_a")
+    b = as_features(feats_b, "feats_b")
     _check_pair(a, b, 2)
     if min(len(a), len(b)) <= a.shape[1]:
         warnings.warn(
@@ -172,8 +174,8 @@ def kernel_inception_distance(
     Returns:
         ``(mean, std)`` as Python floats.
     """
-    a = _as_features(feats_a, "feats_a")
-    b = _as_features(feats_b, "feats_b")
+    a = as_features(feats_a, "feats_a")
+    b = as_features(feats_b, "feats_b")
     _check_pair(a, b, 2)
     if subsets < 1:
         raise ValueError(f"subsets must be positive, got {subsets}")
@@ -217,8 +219,8 @@ def mmd_rbf(
     Returns:
         The estimate as a Python float (may be slightly negative for equal distributions).
     """
-    a = _as_features(feats_a, "feats_a")
-    b = _as_features(feats_b, "feats_b")
+    a = as_features(feats_a, "feats_a")
+    b = as_features(feats_b, "feats_b")
     _check_pair(a, b, 2)
     pooled = torch.cat([a, b])
     distances = torch.cdist(pooled, pooled).square()

@@ -22,16 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medgen.metrics.fidelity import as_features
+
 __all__ = ["knn_radii", "prdc"]
-
-
-def _features(x: Tensor | np.ndarray, name: str) -> Tensor:
-    t = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be (N, F) features, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t
 
 
 def knn_radii(feats: Tensor, k: int) -> Tensor:
@@ -55,7 +48,7 @@ def prdc(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 5) -> di
     Raises:
         ValueError: fewer than ``k + 1`` samples in a set, different widths, NaN.
     """
-    x, y = _features(real, "real"), _features(fake, "fake")
+    x, y = as_features(real, "real"), as_features(fake, "fake")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature widths differ: {x.shape[1]} vs {y.shape[1]}")
     if k < 1 or min(len(x), len(y)) < k + 1:
