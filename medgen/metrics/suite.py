@@ -323,7 +323,8 @@ def evaluate_generation(
             images when no held-out set exists.
         fake: synthetic images (a folder written by ``medgen-sample``, or a run's ``samples/``).
         train: the training images; needed for ``audit=True`` (``real`` is then the held-out
-            baseline; when ``train`` is ``real``, the baseline is leave-one-out).
+            baseline; when ``train`` is ``real``, the baseline is leave-one-out); not read
+            otherwise. All images of every set are held in memory.
         feature_extractors: names from :data:`medgen.features.EXTRACTORS` or modules.
         weights: ``{extractor name: local weights file}``.
         sha256: ``{extractor name: expected SHA-256}``.
@@ -365,7 +366,7 @@ def evaluate_generation(
     real_set = load_image_set(real, "real", real_preset)
     fake_set = load_image_set(fake, "fake", fake_preset)
     train_set = None
-    if train is not None:
+    if train is not None and audit:  # the training images serve the audit only
         same = Path(train).resolve() == Path(real).resolve()
         train_set = real_set if same else load_image_set(train, "train", real_preset)
     dims = real_set.spatial_dims
