@@ -136,3 +136,18 @@ def test_finetune_example(
     exported = medgen.load(tmp_path / "finetuned" / "model")
     x = torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(from_ckpt.reconstruct(x), exported.reconstruct(x))
+
+
+def test_stylegan2_small_data_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setattr(
+        sys, "argv", ["stylegan2_small_data.py", str(tmp_path), "--steps", "3", "--images", "16"]
+    )
+    runpy.run_path(str(EXAMPLES / "stylegan2_small_data.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "ada p = " in out and "final ada p:" in out
+    for psi in ("1.0", "0.7"):
+        assert len(list((tmp_path / f"samples_psi{psi}").glob("*.png"))) == 4

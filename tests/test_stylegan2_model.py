@@ -3,7 +3,7 @@ resume, sampling, export/reload, medgen-sample, FreezeD, class conditioning, the
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 
 import pytest
@@ -291,27 +291,51 @@ def test_experiment_trains_exports_and_samples(tmp_path):
     assert isinstance(exported, StyleGAN2) and exported.augment is not None
     assert len(result["samples"]) == 2
 
+    # Transfer learning: a new run starts G, G_ema and D from the export (model.init_from, the
+    # fine-tuning layer) and FreezeD keeps the discriminator's first block as exported.
+    overrides[1] = f"paths.output_dir={tmp_path / 'transfer'}"
+    cfg = medgen.compose(
+        "train", [*overrides, f"+model.init_from={tmp_path / 'model'}", "model.freeze_d=1"]
+    )
+    model = medgen.train(cfg)["model"]
+    report = json.loads((tmp_path / "transfer" / "init_from.json").read_text())
+    nets = ("generator.", "generator_ema.", "discriminator.")
+    # Only the run's own state starts fresh (counters, ADA p, path-length mean, val features).
+    assert not [k for k in report["missing"] if k.startswith(nets)], report["missing"]
+    assert report["unexpected"] == [] and report["reinitialised"] in ({}, [])
+    exported_keys = sum(
+        len(getattr(exported, n).state_dict())
+        for n in ("generator", "generator_ema", "discriminator")
+    )
+    assert report["loaded"] == exported_keys  # every weight of G, G_ema and D
+    before, after = exported.discriminator.state_dict(), model.discriminator.state_dict()
+    frozen = [k for k in before if k.startswith(("from_image", "blocks.0."))]
+    assert frozen and all(torch.equal(before[k], after[k].cpu()) for k in frozen)
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in before if k not in frozen)
+
 
 @pytest.mark.slow
 def test_no_leak_samples_keep_the_orientation_of_never_flipped_data():
-    """Trained on images bright on the left only, with x-flips and quarter turns at a fixed
-    p = 0.8 (flip probability 0.4, turn probability 0.8: near the leak limit), the generator
-    learns the clean orientation: its samples are bright on the left (ADA, sec. 2)."""
+    """Trained on images bright on the left only, with x-flips at a fixed p = 0.8 (the
+    discriminator sees 40% of all images flipped), the generator learns the clean orientation:
+    its samples are bright on the left (ADA, sec. 2). A leaking augmentation would teach it the
+    augmented distribution, in which 40% of the images are bright on the right."""
     torch.manual_seed(0)
     size = 16
     base = torch.zeros(64, 1, size, size)
     base[..., : size // 2] = 0.8
     base += 0.1 * torch.rand(64, 1, size, size)
-    augment = {
-        "p": 0.8,
-        "target": None,
-        **{k: 0.0 for k in ("xint", "scale", "rotate", "aniso", "brightness", "contrast")},
-    }
-    model = _model(augment=augment, ema_kimg=0.5)
-    loader = cycled_loader(tuple(base), 8 * 400, 8)
-    cpu_trainer(max_steps=800, limit_val_batches=0).fit(model, loader)
+    augment = {"p": 0.8, "target": None, "xflip": 1.0}
+    augment.update({k: 0.0 for k in ("rotate90", "xint", "scale", "rotate", "aniso")})
+    augment.update({k: 0.0 for k in ("brightness", "contrast")})
+    nets = _nets(size)
+    for net in nets.values():
+        net.update(channel_base=256, channel_max=16)
+    model = StyleGAN2(**nets, augment=augment, ema_kimg=0.5)
+    loader = cycled_loader(tuple(base), 8 * 800, 8)
+    cpu_trainer(max_steps=1600, limit_val_batches=0).fit(model, loader)  # 800 generator steps
     samples = model.sample(64, seed=0)
     left = samples[..., : size // 2].mean(dim=(1, 2, 3))
     right = samples[..., size // 2 :].mean(dim=(1, 2, 3))
-    assert float((left > right).float().mean()) > 0.9, left - right
-    assert math.isfinite(float(samples.mean()))
+    assert float((left > right).float().mean()) > 0.8, left - right
+    assert float((left - right).mean()) > 0.1
