@@ -166,6 +166,8 @@ def build_model(cls: type, init_args: Any, source: str | os.PathLike) -> torch.n
         check_targets(init_args)
     except UnsafeTargetError as err:
         raise CheckpointError(f"'{source}': {err}") from None
+    # Arguments stored by an older medgen, as they were meant then (e.g. a changed default).
+    init_args = getattr(cls, "upgrade_init_args", dict)(init_args)
     try:
         return cls(**dict(init_args))
     except CheckpointError:

@@ -8,6 +8,7 @@ clip, the EMA schedule, the codebook latent normalisation with the x0 clamp, and
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -145,6 +146,13 @@ def test_models_record_their_betas_and_old_checkpoints_keep_theirs(tmp_path):
     expected = make_betas("scaled_linear", 50, *STABLE_DIFFUSION_BETAS)
     assert torch.equal(loaded.schedule.betas, expected)
     assert loaded.hparams["schedule"]["beta_start"] == 0.00085  # re-saved explicitly
+    # The same for an exported folder of medgen 0.1.0 (config.json without betas).
+    model.save_pretrained(tmp_path / "old_export")
+    config_file = tmp_path / "old_export" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["init_args"]["schedule"] = {"kind": "scaled_linear", "num_train_timesteps": 50}
+    config_file.write_text(json.dumps(config))
+    assert torch.equal(medgen.load(tmp_path / "old_export").schedule.betas, expected)
     # What needs no upgrade is left alone.
     assert (
         upgrade_stored_schedule({"kind": "scaled_linear", "beta_start": 1e-3, "beta_end": 0.02})
