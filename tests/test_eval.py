@@ -145,6 +145,11 @@ def mni_folders(tmp_path_factory):
         write(v, root / "real" / f"r{i}.nii.gz")
     for i, v in enumerate(_mni_volumes(6, 1.0, 1)):  # model units, ~[-1, 1]
         write(v * 2 - 1, root / "fake" / f"f{i}.nii.gz")
+    # labelled volumes for the utility (segmentation of the brain: intensity above 0.3)
+    for name, seed in (("seg_train", 2), ("seg_syn", 3), ("seg_test", 4)):
+        for i, v in enumerate(_mni_volumes(4, 1.0, seed)):
+            write(v, root / name / "images" / f"v{i}.nii.gz")
+            write((v > 0.3).float(), root / name / "labels" / f"v{i}.nii.gz")
     torch.manual_seed(0)
     torch.save(
         {f"module.{k}": v for k, v in MedicalNetResNet(10, "B").state_dict().items()},
@@ -153,7 +158,7 @@ def mni_folders(tmp_path_factory):
     return root
 
 
-def test_mni_3d_units_refused_then_brought_together_and_reported(mni_folders, tmp_path):
+def test_mni_3d_units_refused_then_brought_together_and_all_four_families(mni_folders, tmp_path):
     root = mni_folders
     with pytest.raises(
         MedgenIOError,
@@ -174,8 +179,18 @@ def test_mni_3d_units_refused_then_brought_together_and_reported(mni_folders, tm
         n_boot=5,
         k=3,
         audit=True,
+        utility={
+            "task": "segmentation",
+            "real_train": str(root / "seg_train"),
+            "synthetic": str(root / "seg_syn"),
+            "real_test": str(root / "seg_test"),
+            "steps": 5,
+            "n_boot": 10,
+        },
         report_dir=tmp_path / "report",
     )
+    assert result["utility"]["metric"] == "dice" and result["utility"]["n_test"] == 4
+    assert all(0 <= result["utility"][r]["value"] <= 1 for r in ("real", "synthetic"))
     assert result["units"]["value_range"] == [-1.0, 1.0] and "warning" not in result["units"]
     med = result["fidelity"]["medicalnet"]
     assert med["protocol_name"] == "3d" and med["all"]["features"] == 512
