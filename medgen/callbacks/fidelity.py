@@ -75,6 +75,7 @@ class FidelityMonitor(L.Callback):
         self.sample_kwargs = dict(sample_kwargs or {})
         self.metric = None
         self._real_seen = 0
+        self._warned = False
         self.history: list[tuple[int, float]] = []
 
     def _due(self, trainer: L.Trainer) -> bool:
@@ -120,7 +121,16 @@ class FidelityMonitor(L.Callback):
         self._real_seen += len(images)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._due(trainer) or self.metric is None or self._real_seen == 0:
+        if not self._due(trainer):
+            return
+        if self.metric is None or self._real_seen == 0:
+            if not self._warned:
+                log.warning(
+                    "FidelityMonitor: no validation images seen (no validation data, or "
+                    "limit_val_batches=0); %s is not logged",
+                    self.log_name,
+                )
+                self._warned = True
             return
         world = max(trainer.world_size, 1)
         share = -(-self.num_samples // world)
