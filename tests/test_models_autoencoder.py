@@ -384,3 +384,29 @@ def test_vqgan_3d_experiment_trains_and_exports(vqgan_run):
     ckpt = medgen.load(out / "checkpoints" / "last.ckpt")
     assert int(ckpt.ae_steps) == 4  # 2 before the discriminators + 2 with (6 optimiser steps)
     assert len(result["samples"]) == 2
+
+
+def _moved(now, before) -> float:
+    return float(
+        torch.cat([(a.detach() - b).flatten() for a, b in zip(now, before, strict=True)]).norm()
+    )
+
+
+def test_gradient_clip_val_bounds_every_optimiser_step():
+    """With SGD at lr 1 a step moves the weights by minus the gradient: its norm is the clip."""
+    sgd = {"_target_": "torch.optim.SGD", "lr": 1.0}
+
+    def moved(**kwargs) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = _kl(optimizer=sgd, optimizer_d=sgd, adv_start_step=0, **kwargs)
+        net0 = [p.detach().clone() for p in model.net.parameters()]
+        d0 = [p.detach().clone() for p in model.discriminator.parameters()]
+        _fit(model, 2, steps=1)
+        return _moved(model.net.parameters(), net0), _moved(model.discriminator.parameters(), d0)
+
+    net, disc = moved(gradient_clip_val=1e-3)
+    assert net == pytest.approx(1e-3, rel=1e-3) and disc == pytest.approx(1e-3, rel=1e-3)
+    free_net, free_disc = moved()
+    assert free_net > 1e-2 and free_disc > 1e-2
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        _kl(gradient_clip_val=0)

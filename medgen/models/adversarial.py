@@ -82,10 +82,16 @@ class AdversarialModule(GenerativeModule):
         optimizer_d: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         spacing: Sequence[float] | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__(spatial_dims, value_range, dict(optimizer_g), scheduler, spacing)
         self.automatic_optimization = False
         self.optimizer_d_config = dict(optimizer_d or optimizer_g)
+        if gradient_clip_val is not None and not float(gradient_clip_val) > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
+        # Lightning's trainer.gradient_clip_val does not apply to manual optimisation: the
+        # families clip here, every optimiser step, by the global norm of its parameters.
+        self.gradient_clip_val = None if gradient_clip_val is None else float(gradient_clip_val)
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -138,13 +144,20 @@ class AdversarialModule(GenerativeModule):
 
         With ``isolate`` (the default), the other optimisers' parameters are frozen for the
         backward pass (Lightning's ``toggle_optimizer``), so a generator step leaves no gradient
-        on the discriminator and the reverse.
+        on the discriminator and the reverse. With ``gradient_clip_val`` the gradients of the
+        optimiser's parameters are clipped to that global norm before the step.
         """
         isolate = isolate and len(self.optimizer_list()) > 1
         if isolate:
             self.toggle_optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm="norm",
+            )
         optimizer.step()
         if isolate:
             self.untoggle_optimizer(optimizer)

@@ -529,6 +529,8 @@ class AutoencoderKL(LatentAutoencoder):
         spacing: Voxel spacing of exported 3D samples.
         num_log_images: Images per validation grid.
         sample_size: Spatial size of samples (recorded from the first training batch).
+        gradient_clip_val: Clip each optimiser step's gradients to this global norm (null: no
+            clipping; ``trainer.gradient_clip_val`` does not apply to these manual steps).
     """
 
     def __init__(
@@ -551,6 +553,7 @@ class AutoencoderKL(LatentAutoencoder):
         spacing: Sequence[float] | None = None,
         num_log_images: int = 8,
         sample_size: Sequence[int] | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,
@@ -568,6 +571,7 @@ class AutoencoderKL(LatentAutoencoder):
             adv_loss=adv_loss,
             num_log_images=num_log_images,
             sample_size=sample_size,
+            gradient_clip_val=gradient_clip_val,
         )
         self.save_hyperparameters()
         net_kwargs = dict(net or {})
@@ -672,6 +676,7 @@ class VQGAN(LatentAutoencoder):
         adv_loss: GAN loss of the discriminators (``"hinge"``).
         optimizer, optimizer_d, scheduler, image_key, value_range, spacing, num_log_images,
         sample_size: As for :class:`AutoencoderKL`.
+        gradient_clip_val: As for :class:`AutoencoderKL` (Medical Diffusion's VQ-GAN: 1.0).
     """
 
     latent_kind = "codebook"
@@ -700,6 +705,7 @@ class VQGAN(LatentAutoencoder):
         spacing: Sequence[float] | None = None,
         num_log_images: int = 8,
         sample_size: Sequence[int] | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,
@@ -718,6 +724,7 @@ class VQGAN(LatentAutoencoder):
             adv_loss=adv_loss,
             num_log_images=num_log_images,
             sample_size=sample_size,
+            gradient_clip_val=gradient_clip_val,
         )
         self.save_hyperparameters()
         net_kwargs = dict(net or {})
