@@ -23,7 +23,6 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["freeze", "frozen_norms", "lr_param_groups", "match", "unfreeze"]
@@ -147,16 +146,3 @@ def lr_param_groups(
         )
         group["params"].append(p)
     return sorted(groups.values(), key=lambda g: g["lr_factor"] != 1.0)
-
-
-def trainable_count(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts of ``model``."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
-
-
-def set_requires_grad(params: Iterable[torch.Tensor], flag: bool) -> None:
-    """``requires_grad_(flag)`` on each of ``params``."""
-    for p in params:
-        p.requires_grad_(flag)

@@ -331,8 +331,3 @@ def init_from(
     if verbose:
         log.info("%s", report.summary())
     return report
-
-
-def write_report(report: LoadReport, path: str | os.PathLike) -> None:
-    """Write ``report.to_dict()`` as JSON to ``path``."""
-    Path(path).write_text(json.dumps(report.to_dict(), indent=1))
