@@ -381,3 +381,38 @@ def test_finetune_pix2pix_freezes_the_discriminators_first_layers():
     assert all(p.requires_grad for p in model.generator.parameters())
     norms = frozen_norms(model, patterns)
     assert norms and all(isinstance(m, nn.BatchNorm2d) for m in norms)  # FreezeD's frozen BN
+
+
+def test_converter_setting_converts_into_the_run_folder(tmp_path):
+    from monai.networks.nets import DiffusionModelUNet
+
+    from medgen.convert import convert
+
+    config = dict(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        num_res_blocks=1,
+        channels=[8, 16],
+        attention_levels=[False, True],
+        norm_num_groups=8,
+    )
+    torch.manual_seed(0)
+    monai_unet = DiffusionModelUNet(**config).eval()
+    torch.nn.init.normal_(monai_unet.out[2].conv.weight)  # not zero: outputs to compare
+    torch.save(monai_unet.state_dict(), tmp_path / "unet.pt")
+    reference = convert("monai-diffusion-unet", tmp_path / "unet.pt", tmp_path / "ref", **config)
+    init_args = json.loads((reference / "config.json").read_text())["init_args"]
+    model = type(medgen.load(reference))(**init_args)  # the model the config builds, fresh
+    model_cfg = {
+        "init_from": str(tmp_path / "unet.pt"),
+        "finetune": {"converter": "monai-diffusion-unet", "converter_options": config},
+    }
+    setup_finetune(model, model_cfg, output_dir=tmp_path / "run", convert=convert)
+    assert (tmp_path / "run" / "converted" / "model.safetensors").is_file()
+    missing = json.loads((tmp_path / "run" / "init_from.json").read_text())["missing"]
+    assert all(k.startswith("val_features.") for k in missing)  # not exported: metric features
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
+    torch.testing.assert_close(model.net.eval()(x, t), monai_unet(x, t), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="run layer"):
+        setup_finetune(model, model_cfg)  # no convert function: say how to do it in Python
