@@ -64,8 +64,14 @@ def test_shapes_2d_3d(spatial_dims):
     assert discriminator(images).shape == (3, 1)
     ws = generator.map(z)
     assert ws.shape == (3, generator.num_ws, 16)
-    # Layer i of the synthesis reads ws[:, i]: changing the last w changes only the last toRGB.
     assert generator.num_ws == 2 * int(math.log2(size)) - 2
+    # The last w feeds the last toRGB: changing it changes the image.
+    other = ws.clone()
+    other[:, -1] = torch.randn(3, 16)
+    rng = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    a = generator.synthesis(ws, rng[0])
+    b = generator.synthesis(other, rng[1])
+    assert not torch.allclose(a, b)
 
 
 def test_non_square_images_and_bad_sizes():
