@@ -51,9 +51,17 @@ __all__ = [
 ]
 
 
-def export_adapter(model: Any, directory: Any, callbacks: list[Any] = (), overwrite: bool = True):
+def export_adapter(
+    model: Any,
+    directory: Any,
+    callbacks: list[Any] = (),
+    overwrite: bool = True,
+    checkpoint: Any = None,
+):
     """After a LoRA run: write the adapter (EMA weights when an EMA callback ran) to ``directory``.
 
+    ``checkpoint``: take the trained adapters (and EMA weights) from this ``.ckpt`` instead of
+    ``model`` (``ddp_spawn``, where this process's model and callbacks never saw training).
     Returns the folder, or ``None`` when the model has no adapters or no ``init_from`` base.
     """
     import contextlib
@@ -61,6 +69,9 @@ def export_adapter(model: Any, directory: Any, callbacks: list[Any] = (), overwr
     plan = getattr(model, "finetune_plan", None)
     if plan is None or not plan.lora or not plan.init_from or not has_lora(model):
         return None
+    if checkpoint is not None:
+        trained = load(checkpoint, merge=False)  # EMA weights, adapters kept
+        return save_adapter(trained, directory, plan.init_from, overwrite=overwrite)
     ema = next((c for c in callbacks if hasattr(c, "swapped") and hasattr(c, "shadow")), None)
     context = ema.swapped(model) if ema is not None else contextlib.nullcontext()
     with context:

@@ -48,7 +48,7 @@ __all__ = [
 
 ADAPTER_FORMAT = "medgen-adapter/1"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-_ORIGINAL = ".parametrizations.weight.original"
+_BASE = ".weight_base"  # an adapted layer's frozen weight
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
@@ -74,7 +74,7 @@ def base_weights_file(base: str | os.PathLike) -> Path:
 def _plain_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """State of ``module`` without adapter tensors, under the layers' plain names."""
     return {
-        prefix + k.replace(_ORIGINAL, ".weight"): v
+        prefix + (k[: -len(_BASE)] + ".weight" if k.endswith(_BASE) else k): v
         for k, v in module.state_dict().items()
         if not k.endswith((".lora_A", ".lora_B"))
     }
@@ -217,18 +217,21 @@ def load_adapter(
 
 
 def load(
-    path: str | os.PathLike, use_ema: bool = True, base: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    base: str | os.PathLike | None = None,
+    merge: bool = True,
 ) -> nn.Module:
     """:func:`medgen.pretrained.load`, plus LoRA adapter folders and LoRA runs' checkpoints.
 
     This is ``medgen.load``: an export folder, a ``.ckpt`` (a LoRA run's with its adapters
     merged), or an adapter folder, whose base model (recorded path, or ``base``) must have the
-    recorded SHA-256.
+    recorded SHA-256. ``merge=False`` keeps the adapters of a LoRA checkpoint or adapter folder.
     """
     from medgen import pretrained
 
     if Path(path).is_dir() and is_adapter_folder(path):
-        return load_adapter(path, base=base)
+        return load_adapter(path, base=base, merge=merge)
 
     def add_adapters(model: nn.Module, ckpt: dict[str, Any]) -> None:
         # a LoRA run's checkpoint: its state has the adapters' keys; merged after loading
@@ -238,5 +241,6 @@ def load(
             raise CheckpointError(str(err)) from err
 
     model = pretrained.load(path, use_ema=use_ema, prepare=add_adapters)
-    merge_lora(model)
+    if merge:
+        merge_lora(model)
     return model

@@ -8,16 +8,16 @@ pre-trained weight ``W`` frozen and trains a low-rank update: ``W' = W + (alpha 
 update peft's ``lora.Conv2d``/``lora.Conv3d`` compute (a ``C_in -> r`` convolution with the kernel,
 then a ``1x1`` ``r -> C_out``), which a test checks output for output.
 
-Why our own module instead of peft's layer wrappers: medgen's self-attention
+Why our own layers instead of peft's wrappers: medgen's self-attention
 (:class:`medgen.nn.attention.SelfAttention`) reads the weights of its ``qkv``/``proj_out`` 1x1
 convolutions directly (``F.linear`` on tokens, for the fused attention kernels) instead of calling
 the modules, and peft's wrappers only act when the wrapped module is *called*: with peft 0.21 an
 adapter on those projections is silently ignored, and its parameter-level LoRA refuses 4D weights.
-Here the adapter is a ``torch.nn.utils.parametrize`` parametrisation of ``weight``, so every read of
-the weight sees ``W + dW``, however the parent uses it. Merging
-(:func:`merge_lora`) writes ``W + dW`` into the layer and removes the adapter; the unmerged weight
-is kept bit for bit while the adapter is present (:func:`merged_adapters` exports merged weights and
-restores the exact training state).
+Here an adapted layer becomes a :class:`LoRALinear`/:class:`LoRAConv2d`/... (the same layer with
+``weight_base``, ``lora_A``, ``lora_B``), whose ``weight`` *is* ``W + dW``, however the parent uses
+it; the classes are importable, so adapted models pickle (``ddp_spawn``) and deep-copy. Merging
+(:func:`merge_lora`) writes ``W + dW`` into the layer and gives it back its plain class;
+:func:`merged_adapters` exports merged weights and restores the exact training state.
 """
 
 from __future__ import annotations
@@ -30,13 +30,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 __all__ = [
     "LORA_TYPES",
-    "LoRAWeight",
+    "LoRAConv1d",
+    "LoRAConv2d",
+    "LoRAConv3d",
+    "LoRALayer",
+    "LoRALinear",
     "add_lora",
     "has_lora",
+    "lora_config",
     "lora_modules",
     "lora_state_dict",
     "merge_lora",
@@ -47,51 +51,89 @@ __all__ = [
 LORA_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class LoRAWeight(nn.Module):
-    """Parametrisation ``W -> W + (alpha / r) * (B @ A).view_as(W)`` of a layer's weight.
+class LoRALayer:
+    """Mixin of an adapted layer: ``weight = weight_base + (alpha / r) * (B @ A).view_as(W)``.
 
-    Args:
-        weight: The weight it adapts, ``(C_out, C_in, *kernel)`` (only its shape and dtype are used).
-        r: Rank of the update.
-        alpha: Scale numerator; the update is multiplied by ``alpha / r``.
+    Attributes:
+        weight_base: The frozen pre-trained weight ``W``.
+        lora_A: ``(r, C_in * prod(kernel))``, Kaiming-uniform initialised.
+        lora_B: ``(C_out, r)``, zeros.
+        lora_r: The rank ``r``; ``lora_alpha``: the scale numerator.
     """
 
-    def __init__(self, weight: torch.Tensor, r: int, alpha: float) -> None:
-        super().__init__()
-        if int(r) < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
-        fan_out, fan_in = weight.shape[0], weight[0].numel()
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / self.r
-        factory = {"dtype": weight.dtype, "device": weight.device}
-        self.lora_A = nn.Parameter(torch.empty(self.r, fan_in, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(fan_out, self.r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) do
-
-    def delta(self) -> torch.Tensor:
-        """The update ``(alpha / r) * B @ A`` as a ``(C_out, C_in * prod(kernel))`` matrix."""
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta().view_as(weight).to(weight.dtype)
+    @property
+    def weight(self) -> torch.Tensor:
+        base = self.weight_base
+        delta = (self.lora_B @ self.lora_A) * (self.lora_alpha / self.lora_r)
+        return base + delta.view_as(base).to(base.dtype)
 
 
-def _adapter(module: nn.Module) -> LoRAWeight | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    found = [p for p in module.parametrizations["weight"] if isinstance(p, LoRAWeight)]
-    return found[0] if found else None
+class LoRALinear(LoRALayer, nn.Linear):
+    """An adapted :class:`torch.nn.Linear`."""
+
+
+class LoRAConv1d(LoRALayer, nn.Conv1d):
+    """An adapted :class:`torch.nn.Conv1d`."""
+
+
+class LoRAConv2d(LoRALayer, nn.Conv2d):
+    """An adapted :class:`torch.nn.Conv2d`."""
+
+
+class LoRAConv3d(LoRALayer, nn.Conv3d):
+    """An adapted :class:`torch.nn.Conv3d`."""
+
+
+_ADAPTED = {
+    nn.Linear: LoRALinear,
+    nn.Conv1d: LoRAConv1d,
+    nn.Conv2d: LoRAConv2d,
+    nn.Conv3d: LoRAConv3d,
+}
+_PLAIN = {v: k for k, v in _ADAPTED.items()}
+
+
+def _attach(
+    module: nn.Module,
+    r: int,
+    alpha: float,
+    tensors: tuple[nn.Parameter, nn.Parameter] | None = None,
+) -> None:
+    """Turn a plain layer into its adapted class (new ``A``/``B``, or the given ones)."""
+    if int(r) < 1:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+    base = module._parameters.pop("weight")
+    module.__class__ = _ADAPTED[type(module)]
+    module.register_parameter("weight_base", base)
+    if tensors is None:
+        factory = {"dtype": base.dtype, "device": base.device}
+        lora_a = nn.Parameter(torch.empty(int(r), base[0].numel(), **factory))
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # as nn.Linear (and peft) do
+        tensors = (lora_a, nn.Parameter(torch.zeros(base.shape[0], int(r), **factory)))
+    module.lora_A, module.lora_B = tensors
+    module.lora_r, module.lora_alpha = int(r), float(alpha)
+
+
+def _detach(module: nn.Module, weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """Give an adapted layer its plain class back, with ``weight`` in its base parameter."""
+    base = module._parameters.pop("weight_base")
+    lora = (module._parameters.pop("lora_A"), module._parameters.pop("lora_B"))
+    with torch.no_grad():
+        base.copy_(weight)
+    module.__class__ = _PLAIN[type(module)]
+    module.register_parameter("weight", base)
+    del module.lora_r, module.lora_alpha
+    return lora
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules of ``model`` that carry an adapter, by name."""
-    return {name: m for name, m in model.named_modules() if _adapter(m) is not None}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def has_lora(model: nn.Module) -> bool:
     """Whether any layer of ``model`` carries an adapter."""
-    return any(_adapter(m) is not None for m in model.modules())
+    return any(isinstance(m, LoRALayer) for m in model.modules())
 
 
 def add_lora(
@@ -124,7 +166,8 @@ def add_lora(
     candidates = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, LORA_TYPES) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+        if (type(m) in _ADAPTED or isinstance(m, LoRALayer))
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
     }
     chosen: dict[str, nn.Module] = {}
     for pattern in target:
@@ -140,14 +183,14 @@ def add_lora(
         for p in model.parameters():
             p.requires_grad_(False)
     for name, module in chosen.items():
-        if _adapter(module) is not None:
+        if isinstance(module, LoRALayer):
             raise ValueError(f"layer {name!r} already has a LoRA adapter")
-        parametrize.register_parametrization(module, "weight", LoRAWeight(module.weight, r, alpha))
+        _attach(module, r, alpha)
     return list(chosen)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of ``model`` only (``<layer>.parametrizations.weight.0.lora_A``, ...)."""
+    """The adapter tensors of ``model`` only (``<layer>.lora_A``, ``<layer>.lora_B``)."""
     return {
         k: v.detach().clone()
         for k, v in model.state_dict().items()
@@ -160,8 +203,8 @@ def lora_config(model: nn.Module) -> dict[str, Any]:
     layers = lora_modules(model)
     if not layers:
         return {}
-    first = _adapter(next(iter(layers.values())))
-    return {"targets": list(layers), "r": first.r, "alpha": first.alpha}
+    first = next(iter(layers.values()))
+    return {"targets": list(layers), "r": first.lora_r, "alpha": first.lora_alpha}
 
 
 def merge_lora(model: nn.Module) -> list[str]:
@@ -172,7 +215,7 @@ def merge_lora(model: nn.Module) -> list[str]:
     """
     names = []
     for name, module in lora_modules(model).items():
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        _detach(module, module.weight.detach())
         names.append(name)
     return names
 
@@ -183,27 +226,23 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Used to export a LoRA-tuned model as plain weights (``save_pretrained``): inside, the state
     dict has the original keys with merged weights; afterwards training can continue, with the
-    frozen base weights and the adapters bit for bit as before. A no-op without adapters.
+    same parameter objects (the optimiser's), the frozen base weights and the adapters bit for bit
+    as before. A no-op without adapters.
     """
     layers = lora_modules(model)
-    if not layers:
-        yield model
-        return
-    saved: dict[str, tuple[torch.Tensor, LoRAWeight, bool]] = {}
+    saved = {}
     for name, module in layers.items():
-        adapter = _adapter(module)
-        original = module.parametrizations["weight"].original
-        saved[name] = (original.detach().clone(), adapter, original.requires_grad)
-    merge_lora(model)
+        original = module.weight_base.detach().clone()
+        rank_alpha = (module.lora_r, module.lora_alpha)
+        saved[name] = (original, rank_alpha, _detach(module, module.weight.detach()))
     try:
         yield model
     finally:
         for name, module in layers.items():
-            original, adapter, requires_grad = saved[name]
+            original, (r, alpha), tensors = saved[name]
             with torch.no_grad():
-                module.weight.data = original.to(module.weight.device)
-            module.weight.requires_grad_(requires_grad)
-            parametrize.register_parametrization(module, "weight", adapter)
+                module.weight.copy_(original)
+            _attach(module, r, alpha, tensors)
 
 
 def apply_lora_state(
@@ -221,17 +260,14 @@ def apply_lora_state(
     """
     modules = dict(model.named_modules())
     targets = list(config.get("targets", ()))
-    missing = [t for t in targets if t not in modules or not isinstance(modules[t], LORA_TYPES)]
+    missing = [t for t in targets if t not in modules or type(modules[t]) not in _ADAPTED]
     if missing:
         raise ValueError(
             f"'{source}': the adapter's layer {missing[0]!r} is not a convolution or linear layer "
             "of the base model"
         )
     for name in targets:
-        module = modules[name]
-        parametrize.register_parametrization(
-            module, "weight", LoRAWeight(module.weight, int(config["r"]), float(config["alpha"]))
-        )
+        _attach(modules[name], int(config["r"]), float(config["alpha"]))
     if state is None:
         return
     expected = lora_state_dict(model)

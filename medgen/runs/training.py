@@ -221,7 +221,11 @@ def _fit(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path) -> dict[str, A
         result["model_dir"] = str(model_dir)
         from medgen.finetune import export_adapter
 
-        adapter_dir = export_adapter(model, output_dir / "adapter", callbacks)
+        spawned = getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver")
+        last = checkpoint_dir / "last.ckpt"
+        adapter_dir = export_adapter(
+            model, output_dir / "adapter", callbacks, checkpoint=last if spawned else None
+        )
         if adapter_dir is not None:  # a LoRA run: the adapter alone, on its init_from base
             result["adapter_dir"] = str(adapter_dir)
         if cfg.get("num_samples", 0) > 0 and model.supports(SAMPLE):
