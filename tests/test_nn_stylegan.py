@@ -457,3 +457,39 @@ def test_compiles_without_graph_breaks(spatial_dims):
     out = compiled(x, w, noise)
     assert out.shape == (2, 2, *(4,) * spatial_dims)
     torch.testing.assert_close(out, net(x, w, noise))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_equal_conv_down_halves_and_keeps_constants(spatial_dims, kernel_size):
+    """EqualConv(down=True): blur, then a stride-2 conv (StyleGAN2's discriminator)."""
+    conv = EqualConv(spatial_dims, 2, 3, kernel_size, bias=False, down=True)
+    x = torch.ones(1, 2, *(8,) * spatial_dims)
+    y = conv(x)
+    assert y.shape == (1, 3, *(4,) * spatial_dims)
+    # Away from the zero-padded border a constant input gives w summed over its taps.
+    expected = conv.effective_weight().flatten(1).sum(1)
+    centre = (slice(None), slice(None), *(slice(1, 3),) * spatial_dims)
+    torch.testing.assert_close(
+        y[centre], expected.reshape(1, 3, *(1,) * spatial_dims).expand_as(y[centre])
+    )
+
+
+def test_style_conv_adds_noise_bias_and_activation():
+    from medgen.nn.stylegan import StyleConv
+
+    torch.manual_seed(0)
+    layer = StyleConv(2, 2, 3, style_dim=4)
+    layer.noise.weight.data.fill_(0.5)
+    layer.bias.data.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x, w, noise = torch.randn(2, 2, 5, 5), torch.randn(2, 4), torch.randn(2, 1, 5, 5)
+    y = layer.conv(x, w) + 0.5 * noise + layer.bias.reshape(1, 3, 1, 1)
+    expected = F.leaky_relu(y, 0.2) * math.sqrt(2.0)
+    torch.testing.assert_close(layer(x, w, noise), expected)
+    clamped = StyleConv(2, 2, 3, style_dim=4, clamp=0.01)
+    assert float(clamped(x, w).abs().max()) <= 0.01
+    # One generator per sample: the noise of a sample does not depend on the batch.
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    pair = layer(x, w, generator=gens)
+    alone = layer(x[1:], w[1:], generator=[torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(pair[1:], alone)

@@ -201,15 +201,19 @@ def test_sample_seeds_units_truncation():
     # psi = 0: every latent is w_avg; noise strengths start at 0, so all samples are equal.
     flat = model.sample(3, seed=5, truncation_psi=0.0)
     torch.testing.assert_close(flat[0], flat[2])
-    # batching does not change samples (up to float rounding of batched products; range 200)
+    # batching and the number of samples do not change a sample (up to the float rounding of
+    # batched products; range 200)
     torch.testing.assert_close(model.sample(3, seed=5, batch_size=2), a, atol=1e-3, rtol=0)
+    torch.testing.assert_close(model.sample(2, seed=5), a[:2], atol=1e-3, rtol=0)
 
 
 def test_export_reload_and_medgen_sample(tmp_path):
     model = _model()
-    cpu_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path).fit(
-        model, _loader(length=4)
-    )
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, _loader(length=4))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    from_ckpt = medgen.load(tmp_path / "last.ckpt")
+    torch.testing.assert_close(from_ckpt.sample(2, seed=3), model.sample(2, seed=3))
     exported = model.save_pretrained(tmp_path / "model")
     loaded = medgen.load(exported)
     assert isinstance(loaded, StyleGAN2)
@@ -227,6 +231,18 @@ def test_export_reload_and_medgen_sample(tmp_path):
     )
     paths = medgen.sample(cfg)
     assert [Path(p).name for p in paths] == [f"sample_{i:04d}.png" for i in range(3)]
+    cfg = medgen.compose(
+        "sample",
+        [f"checkpoint={tmp_path / 'last.ckpt'}", f"output_dir={tmp_path / 'ck'}", "num_samples=2"],
+    )
+    assert len(medgen.sample(cfg)) == 2
+    # The same seed gives the same images from the checkpoint and from the export.
+    from medgen.data.io import read
+
+    for i in range(2):
+        torch.testing.assert_close(
+            read(tmp_path / "ck" / f"sample_{i:04d}.png").as_tensor(), read(paths[i]).as_tensor()
+        )
 
 
 def test_freeze_d_leaves_the_first_blocks_untouched():

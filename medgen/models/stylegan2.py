@@ -428,9 +428,10 @@ class StyleGAN2(LatentGANModule):
     ) -> Tensor:
         """``num_samples`` images ``(N, C, *spatial)`` in data units from the EMA generator.
 
-        Latents and noise inputs are drawn on the CPU from a generator seeded with ``seed`` (the
-        noise from one generator per sample), so a seed gives the same images on every device and
-        for every ``batch_size``. Outputs are clipped to the data range.
+        Latents and noise inputs are drawn on the CPU, from one generator per sample seeded from
+        ``seed`` and the sample's index, so a seed gives the same images on every device, for every
+        ``batch_size``, and ``sample(n)`` starts with ``sample(m)`` for ``m < n``. Outputs are
+        clipped to the data range.
 
         Args:
             num_samples: Number of images.
@@ -453,9 +454,11 @@ class StyleGAN2(LatentGANModule):
             c_all = self.one_hot(torch.as_tensor(labels), torch.empty(0))
             if len(c_all) != num_samples:
                 raise ValueError(f"got {len(c_all)} labels for {num_samples} samples")
-        # All latents first, then one noise generator per sample: batching changes nothing.
-        z_all = torch.randn((num_samples, self.latent_dim), generator=rng)
-        seeds = torch.randint(0, 2**62, (num_samples,), generator=rng).tolist()
+        # One generator per sample (its latent, then its noise), seeded from the run's seed and
+        # the sample's index: neither batching nor the number of samples changes a sample.
+        base = int(torch.randint(0, 2**62, (), generator=rng))
+        streams = [torch.Generator().manual_seed(base + i) for i in range(num_samples)]
+        z_all = torch.stack([torch.randn(self.latent_dim, generator=g) for g in streams])
         was_training = generator.training
         generator.eval()
         out = []
@@ -463,7 +466,7 @@ class StyleGAN2(LatentGANModule):
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
                 z = z_all[start : start + n]
-                noise = [torch.Generator().manual_seed(s) for s in seeds[start : start + n]]
+                noise = streams[start : start + n]
                 c = None if c_all is None else c_all[start : start + n]
                 device, dtype = self.device, self.dtype
                 ws = generator.map(
