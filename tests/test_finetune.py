@@ -280,31 +280,25 @@ def test_lora_rank8_trainable_fraction_on_3d_diffusion_unet():
     from medgen.nets import DiffusionUNet
 
     # the fraction is about r / width: <= 5% at rank 8 from 160 channels on
-    unet = DiffusionUNet(
-        3,
-        1,
-        1,
-        channels=[160, 320],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=64,
-        norm_num_groups=32,
-    )
+    def unet3d(channels: list[int], heads: int, groups: int) -> DiffusionUNet:
+        return DiffusionUNet(
+            3,
+            1,
+            1,
+            channels=channels,
+            attention_levels=[False, True],
+            num_res_blocks=1,
+            num_head_channels=heads,
+            norm_num_groups=groups,
+        )
+
+    unet = unet3d([160, 320], 64, 32)
     full = sum(p.numel() for p in unet.parameters())
     layers = add_lora(unet, r=8)
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     assert any(".attn.qkv" in n for n in layers) and any("conv1" in n for n in layers)
     assert trainable / full <= 0.05
-    small = DiffusionUNet(
-        3,
-        1,
-        1,
-        channels=[8, 16],
-        attention_levels=[False, True],
-        num_res_blocks=1,
-        num_head_channels=8,
-        norm_num_groups=4,
-    )
+    small = unet3d([8, 16], 8, 4)
     add_lora(small, r=2)
     small(torch.randn(1, 1, 4, 4, 4), torch.tensor([3])).square().mean().backward()
     assert all(p.grad is None for n, p in small.named_parameters() if "lora" not in n)
