@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -355,3 +356,40 @@ def test_no_leak_samples_keep_the_orientation_of_never_flipped_data():
     right = samples[..., size // 2 :].mean(dim=(1, 2, 3))
     assert float((left > right).float().mean()) > 0.8, left - right
     assert float((left - right).mean()) > 0.1
+
+
+class _DumpState(L.Callback):
+    """Each rank's full state dict (weights, ADA p, path-length mean) at the end of training."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_identical_with_ada(tmp_path):
+    """Under DDP (two CPU processes) the ADA statistics are summed over ranks, so every rank
+    moves p the same way, and the weights and the EMA weights stay identical. (The running means
+    of w and of the path lengths are per-rank buffers, as in the paper's code; DDP broadcasts
+    rank 0's at every step and checkpoints come from rank 0.)"""
+    augment = {"p": 0.3, "target": 0.6, "interval": 1, "kimg": 0.05}
+    model = _model(augment=augment, pl_interval=2, r1_interval=2)
+    trainer = cpu_trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_val_batches=0,
+        callbacks=[_DumpState(str(tmp_path))],
+    )
+    trainer.fit(model, _loader(length=16, batch=2))  # 4 batches per rank
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert int(states[0]["generator_steps"]) == 4
+    assert float(states[0]["augment.p"]) != 0.3
+    rank_local = ("val_features", "pl_mean", "w_avg")
+    for key, value in states[0].items():
+        if any(part in key for part in rank_local):
+            continue
+        torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=key)
