@@ -70,6 +70,7 @@ def main() -> None:
             "num_res_blocks": 1,
             "attention_levels": [False, True],
             "num_head_channels": 16,
+            "norm_num_groups": 8,
         },
         class_key="label",
         num_classes=2,

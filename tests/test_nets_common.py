@@ -40,7 +40,10 @@ SPATIAL_DIMS = (2, 3)
 # Nets whose forward is not a plain differentiable map, tested in their own files instead:
 # VQGANNet's forward updates its EMA codebook (compiler-disabled initialisation, float32 statistics,
 # integer code indices); see tests/test_models_autoencoder.py and tests/test_nn_quantizer.py.
-OWN_TESTS = {"VQGANNet"}
+# The StyleGAN2 generator draws fresh per-pixel noise at every call (one torch.Generator per sample),
+# so two calls are not comparable here; both StyleGAN2 nets are tested in
+# tests/test_stylegan2_nets.py (2D/3D shapes, gradient checkpointing, seeds, parameter counts).
+OWN_TESTS = {"VQGANNet", "StyleGAN2Generator", "StyleGAN2Discriminator"}
 NET_CLASSES: list[type[nn.Module]] = [
     obj
     for name in medgen.nets.__all__

@@ -31,8 +31,17 @@ def trained(tmp_path_factory):
     return out, result
 
 
-# Latent diffusion needs a trained autoencoder first; tests/test_models_diffusion.py runs both.
-NEEDS_AUTOENCODER = {"ldm_3d", "medical_diffusion"}
+# Latent diffusion needs a trained autoencoder first (tests/test_models_diffusion.py and
+# tests/test_medical_diffusion_fidelity.py run both stages); the fine-tuning experiments need
+# weights to start from (model.init_from: tests/test_finetune_train.py).
+NEEDS_AUTOENCODER = {
+    "ldm_3d",
+    "medical_diffusion",
+    "medical_diffusion_full",
+    "finetune_vae",
+    "finetune_pix2pix",
+    "finetune_ldm_3d",
+}
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in NEEDS_AUTOENCODER])

@@ -156,6 +156,7 @@ TARGETS: dict[str, str] = {
 #: Old or defining module paths -> public name. Checkpoints written before names were public
 #: store the defining module path; a class that moves keeps its old path here.
 ALIASES: dict[str, str] = {
+    "medgen.finetune.callback.FinetuneCallback": "medgen.finetune.FinetuneCallback",
     **{
         f"medgen.models.{m}.{n}": f"medgen.models.{n}"
         for m, n in [
