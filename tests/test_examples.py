@@ -120,7 +120,9 @@ def test_finetune_example(
     import sys
 
     monkeypatch.setattr(
-        sys, "argv", ["finetune.py", str(tmp_path), "--epochs", "1", "--size", "16", "--length", "8"]
+        sys,
+        "argv",
+        ["finetune.py", str(tmp_path), "--epochs", "1", "--size", "16", "--length", "8"],
     )
     runpy.run_path(str(EXAMPLES / "finetune.py"), run_name="__main__")
     out = capsys.readouterr().out
