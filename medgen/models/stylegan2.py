@@ -237,7 +237,9 @@ class StyleGAN2(LatentGANModule):
         return self.generator.parameters()
 
     def discriminator_parameters(self):
-        return [p for p in self.discriminator.parameters() if p.requires_grad]
+        # Every parameter, frozen ones too (FreezeD, model.finetune.freeze): they get no gradient,
+        # which Adam skips, and a block unfrozen later (unfreeze_at_step) is already optimised.
+        return self.discriminator.parameters()
 
     @staticmethod
     def lazy_config(config: Mapping[str, Any], interval: int) -> dict[str, Any]:
