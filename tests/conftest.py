@@ -43,3 +43,15 @@ def tiny(tmp_path):
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``):
+    tiny ops are faster without thread hand-offs on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from medgen.data.phantoms import head_phantom
 from medgen.features import MedicalNetResNet
 from medgen.metrics import evaluate_generation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _png(x, path):

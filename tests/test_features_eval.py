@@ -20,13 +20,7 @@ from medgen.features import (
 from medgen.features.inception import tf_inception_v3
 from medgen.features.weights import file_sha256
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _save(state, path):

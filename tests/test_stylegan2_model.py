@@ -19,13 +19,7 @@ from medgen.models import StyleGAN2
 from medgen.models.stylegan2 import auto_r1_gamma
 from tests.helpers import cpu_trainer, cycled_loader, phantom_images
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _nets(size: int = 16, **generator) -> dict:
